@@ -1,0 +1,45 @@
+# Audio EAGLE-3: dump hidden states of an audio LLM, train an EAGLE-3 draft from the cache.
+# Run `./setup.sh` once (the README's commands do it for you); recipes use the project's venv.
+
+set positional-arguments
+set shell := ["bash", "-uc"]
+
+py := justfile_directory() / ".venv/bin/python"
+sample_shards := "data/sample/shards/sample-{000000..000003}.tar"
+
+# List the recipes.
+default:
+    @just --list
+
+# The main job end to end on the bundled sample with the tiny default target.
+pipeline out="runs/sample":
+    {{py}} -m stages.dump_hidden "{{sample_shards}}" {{out}}/cache --model tiny
+    {{py}} -m stages.inspect_cache {{out}}/cache
+
+# Stage one: cache the target's hidden states for SHARDS in OUT (extra flags: see --help).
+dump-hidden shards out *flags:
+    {{py}} -m stages.dump_hidden "$1" "$2" "${@:3}"
+
+# What a cache holds: samples, tokens, bytes on disk, compression, rejects.
+inspect-cache path:
+    {{py}} -m stages.inspect_cache "$1"
+
+# Convert a JSONL manifest ({"audio": path, "conversations": [...]}) into webdataset tar shards.
+make-shards manifest out_pattern *flags:
+    {{py}} -m stages.make_shards "$1" "$2" "${@:3}"
+
+# Regenerate the bundled sample (needs espeak-ng).
+make-sample:
+    {{py}} data/make_sample.py
+
+# Benchmark stage one: dump vs forward-only throughput, writer MB/s per core, bytes per token.
+bench-dump *flags:
+    {{py}} -m stages.bench_dump "$@"
+
+# The test suite.
+test *flags:
+    {{py}} -m pytest -q "$@"
+
+# Lint.
+lint:
+    {{py}} -m ruff check pipeline stages tests data

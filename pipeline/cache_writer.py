@@ -1,0 +1,231 @@
+"""Writing one part of a cache (the states of one input shard) and doing it off the forward's critical path.
+
+``PartWriter`` packs samples along the token axis, writes whole chunks as they fill (zarr compresses the chunks
+of one write in parallel threads), and commits after each write: ``commit.json`` then names the samples whose
+rows are all on disk. After a crash, reopening the part resumes at the first uncommitted sample of the shard.
+
+``BackgroundWriter`` runs every PartWriter call on one thread behind a bounded queue, so the model never waits
+for compression unless the writer falls behind by more than ``max_pending`` samples (which bounds memory).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.cache_format import (
+    COMMIT,
+    STORED_DTYPES,
+    CodecConfig,
+    hidden_name,
+    read_json,
+    to_storable,
+    write_json_atomic,
+)
+from pipeline.target import TargetStates
+
+
+@dataclass
+class SampleRecord:
+    """One cached sample as the writer receives it (CPU tensors)."""
+
+    key: str
+    position: int  # index of the sample in its shard, rejects included
+    input_ids: np.ndarray  # [T] int32
+    loss_mask: np.ndarray  # [T] uint8
+    states: TargetStates
+
+    @property
+    def num_bytes(self) -> int:
+        s = self.states
+        tensors = [*s.hidden_states.values(), s.final_hidden, s.audio_embeds]
+        return self.input_ids.nbytes + self.loss_mask.nbytes + sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class _Stream:
+    """One array grown along axis 0: rows already on disk plus rows buffered for the next chunk-aligned write."""
+
+    array: zarr.Array
+    written: int
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_rows: int = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        self.pending.append(rows)
+        self.pending_rows += len(rows)
+
+    def flush(self, chunk: int, everything: bool) -> None:
+        end = self.written + self.pending_rows
+        upto = end if everything else (end // chunk) * chunk
+        if upto <= self.written:
+            return
+        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        if upto > self.array.shape[0]:  # grow geometrically: few metadata rewrites
+            self.array.resize((max(upto, 2 * self.array.shape[0]), *self.array.shape[1:]))
+        self.array[self.written : upto] = data[: upto - self.written]
+        rest = data[upto - self.written :]
+        self.pending, self.pending_rows, self.written = ([rest] if len(rest) else []), len(rest), upto
+
+
+class PartWriter:
+    """Appends samples of one input shard to its own Zarr group; the only writer of that group."""
+
+    def __init__(self, path: Path, shard: str, layers: list[int], hidden_size: int, dtype: str, codec: CodecConfig):
+        self.path, self.shard, self.codec = path, shard, codec
+        self.chunk = codec.chunk_tokens
+        commit = read_json(path / COMMIT) if (path / COMMIT).exists() else None
+        self.commit = commit or _empty_commit(shard)
+        group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
+        state_dtype = STORED_DTYPES[dtype][0]
+        specs = {
+            "input_ids": (np.int32, ()),
+            "loss_mask": (np.uint8, ()),
+            "final_hidden": (state_dtype, (hidden_size,)),
+            "audio_embeds": (state_dtype, (hidden_size,)),
+            **{hidden_name(i): (state_dtype, (hidden_size,)) for i in layers},
+        }
+        written = {"audio_embeds": self.commit["audio_offsets"][-1]}
+        self.streams = {
+            name: _Stream(self._array(group, name, dt, tail, dtype), written.get(name, self.commit["token_offsets"][-1]))
+            for name, (dt, tail) in specs.items()
+        }
+        # Samples accepted but not yet committed: (key, position, token end, audio end); rejects wait with them.
+        self.uncommitted: list[tuple[str, int, int, int]] = []
+        self.pending_rejects: list[tuple[int, dict]] = []  # (samples cached before it, reject)
+        self.tokens_end = self.commit["token_offsets"][-1]
+        self.audio_end = self.commit["audio_offsets"][-1]
+        self.raw_bytes = 0
+
+    def _array(self, group: zarr.Group, name: str, dtype, tail: tuple, dtype_name: str) -> zarr.Array:
+        if name in group:
+            return group[name]
+        return group.create_array(
+            name,
+            shape=(0, *tail),
+            chunks=(self.chunk * (1 if tail else 16), *tail),  # ids and masks are tiny: longer chunks
+            dtype=dtype,
+            compressors=[self.codec.compressor(np.dtype(dtype).itemsize)],
+            fill_value=0,
+            attributes={"torch_dtype": dtype_name if tail else str(np.dtype(dtype))},
+        )
+
+    @property
+    def complete(self) -> bool:
+        return self.commit["complete"]
+
+    @property
+    def position(self) -> int:
+        """Samples of the shard already dealt with (cached or rejected) and committed."""
+        return self.commit["position"]
+
+    def append(self, record: SampleRecord) -> None:
+        s = record.states
+        rows = {
+            "input_ids": record.input_ids,
+            "loss_mask": record.loss_mask,
+            "final_hidden": to_storable(s.final_hidden),
+            "audio_embeds": to_storable(s.audio_embeds),
+            **{hidden_name(i): to_storable(h) for i, h in s.hidden_states.items()},
+        }
+        for name, data in rows.items():
+            self.streams[name].add(data)
+        self.tokens_end += len(record.input_ids)
+        self.audio_end += len(s.audio_embeds)
+        self.raw_bytes += record.num_bytes
+        self.uncommitted.append((record.key, record.position, self.tokens_end, self.audio_end))
+        if self.streams["final_hidden"].pending_rows >= 4 * self.chunk:
+            self._flush(everything=False)
+
+    def reject(self, key: str, position: int, reason: str) -> None:
+        before = len(self.commit["keys"]) + len(self.uncommitted)
+        self.pending_rejects.append((before, {"key": key, "position": position, "reason": reason}))
+        if not self.uncommitted:
+            self._commit(next_position=position + 1)
+
+    def finish(self, error: str | None = None) -> None:
+        """Write every buffered row and mark the part complete (``error``: the shard could not be read to its end)."""
+        self._flush(everything=True)
+        self.commit["complete"] = True
+        self.commit["error"] = error
+        write_json_atomic(self.path / COMMIT, self.commit)
+
+    def _flush(self, everything: bool) -> None:
+        for stream in self.streams.values():
+            # ids and masks are tiny: always written whole (their chunks are long, a rewrite costs nothing)
+            stream.flush(self.chunk, everything or stream.array.ndim == 1)
+        self._commit(next_position=None)
+
+    def _commit(self, next_position: int | None) -> None:
+        tok_done, audio_done = self.streams["input_ids"].written, self.streams["audio_embeds"].written
+        tok_done = min(tok_done, *(s.written for n, s in self.streams.items() if n != "audio_embeds"))
+        c = self.commit
+        while self.uncommitted and self.uncommitted[0][2] <= tok_done and self.uncommitted[0][3] <= audio_done:
+            key, position, tok_end, audio_end = self.uncommitted.pop(0)
+            c["keys"].append(key)
+            c["positions"].append(position)
+            c["token_offsets"].append(tok_end)
+            c["audio_offsets"].append(audio_end)
+            c["position"] = position + 1
+        while self.pending_rejects and self.pending_rejects[0][0] <= len(c["keys"]):
+            reject = self.pending_rejects.pop(0)[1]
+            c["rejects"].append(reject)
+            c["position"] = max(c["position"], reject["position"] + 1)
+        if next_position is not None and not self.uncommitted:
+            c["position"] = max(c["position"], next_position)
+        c["raw_bytes"] = c.get("raw_bytes", 0) + self.raw_bytes
+        self.raw_bytes = 0
+        write_json_atomic(self.path / COMMIT, c)
+
+
+def _empty_commit(shard: str) -> dict:
+    return {
+        "shard": shard,
+        "keys": [],
+        "positions": [],
+        "token_offsets": [0],
+        "audio_offsets": [0],
+        "rejects": [],
+        "position": 0,
+        "raw_bytes": 0,
+        "complete": False,
+        "error": None,
+    }
+
+
+class BackgroundWriter:
+    """Runs writer calls in order on one thread; errors surface in the caller at its next call or at close."""
+
+    def __init__(self, max_pending: int = 8):
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> None:
+        self._raise_if_failed()
+        self._queue.put((fn, args))
+
+    def close(self) -> None:
+        """Drain the queue, stop the thread, and re-raise the writer's error if it had one."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                fn, args = item
+                try:
+                    fn(*args)
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                    self._error = err
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error

@@ -1,0 +1,95 @@
+"""Token ids and the loss mask of a conversation, rendered with the target's own chat template.
+
+The loss mask covers the assistant turns' tokens (their end-of-turn token included) and nothing else. It is
+found without any template cooperation (no ``{% generation %}`` block, which the stock Qwen2-Audio template
+lacks): an assistant turn's text is what rendering the conversation up to that turn adds after rendering the
+turns before it with the generation prompt. Character spans then map to tokens through the offsets of a fast
+tokenizer. This works for any chat template whose renderings are prefixes of each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.conversation import BadSample, Message
+
+
+@dataclass
+class Prompt:
+    input_ids: torch.Tensor  # [T] int64, audio placeholder expanded to one id per audio frame
+    loss_mask: torch.Tensor  # [T] bool, True on assistant tokens
+
+
+def build_prompt(
+    tokenizer,
+    chat_template: str,
+    messages: list[Message],
+    audio_token: str,
+    num_audio_tokens: int,
+    max_length: int,
+) -> Prompt:
+    """Render, tokenize, mask and expand one conversation holding one audio clip."""
+    text = _render(tokenizer, chat_template, messages)
+    spans = _assistant_spans(tokenizer, chat_template, messages, text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    starts = torch.tensor([start for start, _ in enc["offset_mapping"]], dtype=torch.long)
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    for lo, hi in spans:
+        mask |= (starts >= lo) & (starts < hi)
+    audio_id = tokenizer.convert_tokens_to_ids(audio_token)
+    ids, mask = _expand_audio(ids, mask, audio_id, num_audio_tokens)
+    if len(ids) > max_length and (ids[max_length:] == ids[0].new_tensor(audio_id)).any():
+        raise BadSample(f"over the length limit: the audio ends past --max-length {max_length}")
+    return _truncate(Prompt(ids, mask), max_length)
+
+
+def _render(tokenizer, chat_template: str, messages: list[Message], generation_prompt: bool = False) -> str:
+    # Templates of audio LLMs recognise an audio item by an "audio" key; the clip itself travels separately.
+    items = [
+        {**m, "content": [dict(it, audio="<clip>") if it["type"] == "audio" else it for it in m["content"]]}
+        for m in messages
+    ]
+    return tokenizer.apply_chat_template(
+        items, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _assistant_spans(tokenizer, chat_template: str, messages: list[Message], text: str) -> list[tuple[int, int]]:
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, chat_template, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, chat_template, messages[: i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise BadSample(f"chat template does not render turn {i} as a prefix of the conversation")
+        end = len(through.rstrip())  # the end-of-turn token belongs to the turn; the newline after it does not
+        spans.append((len(before), end))
+    return spans
+
+
+def _expand_audio(
+    ids: torch.Tensor, mask: torch.Tensor, audio_id: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    where = (ids == audio_id).nonzero().flatten()
+    if len(where) != 1:
+        raise BadSample(f"rendered prompt holds {len(where)} audio placeholders; expected exactly 1")
+    at = int(where[0])
+    audio_ids = torch.full((count,), audio_id, dtype=ids.dtype)
+    audio_mask = torch.zeros(count, dtype=torch.bool)
+    return torch.cat([ids[:at], audio_ids, ids[at + 1 :]]), torch.cat([mask[:at], audio_mask, mask[at + 1 :]])
+
+
+def _truncate(prompt: Prompt, max_length: int) -> Prompt:
+    if len(prompt.input_ids) <= max_length:
+        return prompt
+    ids, mask = prompt.input_ids[:max_length], prompt.loss_mask[:max_length]
+    if not mask.any():
+        raise BadSample(
+            f"over the length limit: {len(prompt.input_ids)} tokens and no assistant token within "
+            f"--max-length {max_length}"
+        )
+    return Prompt(ids, mask)
