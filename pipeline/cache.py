@@ -144,8 +144,13 @@ def _mmap_safetensor(path: Path, name: str) -> torch.Tensor:
     entry = header[name]
     dtype_name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[entry["dtype"]]
     begin, end = entry["data_offsets"]
-    storage = np.memmap(path, dtype=STORED_DTYPES[dtype_name][0], mode="r", offset=8 + header_len + begin,
-                        shape=tuple(entry["shape"]))
+    storage = np.memmap(
+        path,
+        dtype=STORED_DTYPES[dtype_name][0],
+        mode="r",
+        offset=8 + header_len + begin,
+        shape=tuple(entry["shape"]),
+    )
     with warnings.catch_warnings():  # read-only mapping; we never write through it
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(storage).view(STORED_DTYPES[dtype_name][1])

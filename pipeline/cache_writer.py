@@ -76,11 +76,21 @@ class _Stream:
 class PartWriter:
     """Appends samples of one input shard to its own Zarr group; the only writer of that group."""
 
-    def __init__(self, path: Path, shard: str, layers: list[int], hidden_size: int, dtype: str, codec: CodecConfig):
+    def __init__(
+        self,
+        path: Path,
+        shard: str,
+        layers: list[int],
+        hidden_size: int,
+        dtype: str,
+        codec: CodecConfig,
+        writer: dict | None = None,
+    ):
         self.path, self.shard, self.codec = path, shard, codec
         self.chunk = codec.chunk_tokens
         commit = read_json(path / COMMIT) if (path / COMMIT).exists() else None
         self.commit = commit or _empty_commit(shard)
+        self.commit.setdefault("writers", []).append(writer or {})  # which rank of which run wrote it
         group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
         state_dtype = STORED_DTYPES[dtype][0]
         specs = {
@@ -92,7 +102,9 @@ class PartWriter:
         }
         written = {"audio_embeds": self.commit["audio_offsets"][-1]}
         self.streams = {
-            name: _Stream(self._array(group, name, dt, tail, dtype), written.get(name, self.commit["token_offsets"][-1]))
+            name: _Stream(
+                self._array(group, name, dt, tail, dtype), written.get(name, self.commit["token_offsets"][-1])
+            )
             for name, (dt, tail) in specs.items()
         }
         # Samples accepted but not yet committed: (key, position, token end, audio end); rejects wait with them.

@@ -7,6 +7,7 @@ at its first uncommitted sample. Bad samples are skipped, recorded with their ke
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -66,13 +67,20 @@ def run_dump(cfg: DumpConfig) -> dict:
     state.wait_for_everyone()
 
     mine = urls[state.process_index :: state.num_processes]
-    progress = tqdm(unit="sample", desc=f"dump rank {state.process_index}", dynamic_ncols=True,
-                    disable=not state.is_local_main_process)
+    progress = tqdm(
+        unit="sample",
+        desc=f"dump rank {state.process_index}",
+        dynamic_ncols=True,
+        disable=not state.is_local_main_process,
+    )
     writer = BackgroundWriter(cfg.max_pending)
     tokens, raw_bytes, start = 0, 0, time.perf_counter()
     try:
         for url in mine:
-            part = PartWriter(cfg.out / PARTS / part_name(url), url, layers, target.hidden_size, dtype, cfg.codec)
+            writer_id = {"rank": state.process_index, "world_size": state.num_processes}
+            part = PartWriter(
+                cfg.out / PARTS / part_name(url), url, layers, target.hidden_size, dtype, cfg.codec, writer_id
+            )
             if part.complete:
                 continue
             for record in _dump_shard(url, part, target, layers, cfg, writer):
@@ -90,8 +98,14 @@ def run_dump(cfg: DumpConfig) -> dict:
     return manifest or read_json(cfg.out / MANIFEST)
 
 
-def _dump_shard(url: str, part: PartWriter, target: AudioTarget, layers: list[int], cfg: DumpConfig,
-                writer: BackgroundWriter):
+def _dump_shard(
+    url: str,
+    part: PartWriter,
+    target: AudioTarget,
+    layers: list[int],
+    cfg: DumpConfig,
+    writer: BackgroundWriter,
+):
     """Yield each cached sample's record after handing it to the writer; rejects go to the part's log."""
     resume_at, position, samples = part.position, -1, iter_raw_samples(url)
     while True:
@@ -174,6 +188,7 @@ def _init_cache(cfg: DumpConfig, target: AudioTarget, layers: list[int], dtype: 
         "max_length": cfg.max_length,
         "audio_policy": asdict(cfg.audio),
     }
+    identity = json.loads(json.dumps(identity))  # compare as stored: tuples become lists, keys strings
     path = cfg.out / MANIFEST
     try:
         cfg.out.mkdir(parents=True, exist_ok=True)
@@ -205,15 +220,17 @@ def _finalise(out: Path, urls: list[str]) -> dict:
         if not commit_path.exists():
             continue
         c = read_json(commit_path)
-        parts.append({
-            "name": part_name(url),
-            "shard": url,
-            "samples": len(c["keys"]),
-            "tokens": c["token_offsets"][-1],
-            "audio_tokens": c["audio_offsets"][-1],
-            "raw_bytes": c["raw_bytes"],
-            "complete": c["complete"],
-        })
+        parts.append(
+            {
+                "name": part_name(url),
+                "shard": url,
+                "samples": len(c["keys"]),
+                "tokens": c["token_offsets"][-1],
+                "audio_tokens": c["audio_offsets"][-1],
+                "raw_bytes": c["raw_bytes"],
+                "complete": c["complete"],
+            }
+        )
         rejects += [{**r, "shard": url} for r in c["rejects"]]
         if c["error"]:
             errors.append({"shard": url, "error": c["error"]})

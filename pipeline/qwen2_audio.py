@@ -44,8 +44,8 @@ class Qwen2AudioTarget(AudioTarget):
             return_tensors="pt",
         )
         frames = int(features["attention_mask"].sum())
-        if frames == 0:
-            raise BadSample("zero-length audio")
+        if audio_token_count(frames) < 1:
+            raise BadSample(f"audio too short: {len(wave)} samples give no audio token")
         prompt = build_prompt(
             self.processor.tokenizer,
             self.processor.chat_template,

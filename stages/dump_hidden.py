@@ -17,15 +17,25 @@ def parse_args(argv: list[str] | None = None) -> DumpConfig:
     p.add_argument("shards", help="tar shards: path, glob, brace pattern {000..009}, comma list or URL")
     p.add_argument("out", type=Path, help="cache directory (re-run the same command to resume)")
     p.add_argument("--model", default="tiny", help="'tiny' (built-in test target), an HF id or a local directory")
-    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")],
-                   help="HF hidden_states indices to cache, e.g. 2,16,29 (default: EAGLE-3's 2, L//2, L-3); "
-                        "capture more so one dump serves drafts that use other layers")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="model and cache dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument(
+        "--layers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="HF hidden_states indices to cache, e.g. 2,16,29 (default: EAGLE-3's 2, L//2, L-3); "
+        "capture more so one dump serves drafts that use other layers",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="model and cache dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
     p.add_argument("--max-length", type=int, default=2048, help="truncate prompts to this many tokens")
     p.add_argument("--max-audio-seconds", type=float, default=30.0)
-    p.add_argument("--overlong-audio", choices=["cut", "reject"], default="cut",
-                   help="a clip over --max-audio-seconds is cut to it, or rejected")
+    p.add_argument(
+        "--overlong-audio",
+        choices=["cut", "reject"],
+        default="cut",
+        help="a clip over --max-audio-seconds is cut to it, or rejected",
+    )
     p.add_argument("--codec", default="zstd", help="blosc compressor: zstd, lz4, lz4hc, zlib, blosclz")
     p.add_argument("--level", type=int, default=3, help="compression level 0-9")
     p.add_argument("--chunk-tokens", type=int, default=256, help="rows per stored chunk")
@@ -53,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as err:
         sys.exit(str(err))
     except OSError as err:
-        sys.exit(f"cannot write the cache at {cfg.out}: {err}\n"
-                 "Free disk space (or fix permissions) and re-run the same command: it resumes.")
+        sys.exit(
+            f"cannot write the cache at {cfg.out}: {err}\n"
+            "Free disk space (or fix permissions) and re-run the same command: it resumes."
+        )
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -14,8 +14,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cache = open_cache(a.cache)
     info = cache.info
-    print(f"{a.cache}: {len(cache)} samples readable, model {info['model']} ({info['model_type']}), "
-          f"hidden {info['hidden_size']}, {info['num_layers']} layers")
+    print(
+        f"{a.cache}: {len(cache)} samples readable, model {info['model']} ({info['model_type']}), "
+        f"hidden {info['hidden_size']}, {info['num_layers']} layers"
+    )
     print(describe_dump(cache.manifest))
 
 
