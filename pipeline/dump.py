@@ -90,8 +90,8 @@ def run_dump(cfg: DumpConfig) -> dict:
                 rate = tokens / (time.perf_counter() - start)
                 progress.set_postfix(tok_s=f"{rate:.0f}", MB=f"{raw_bytes / 1e6:.0f}", refresh=False)
     finally:
-        writer.close()
         progress.close()
+        writer.close()  # drains the queue; re-raises a write error (e.g. a full disk) here
     state.wait_for_everyone()
     manifest = _finalise(cfg.out, urls) if state.is_main_process else None
     state.wait_for_everyone()

@@ -175,8 +175,6 @@ def _check_tar_end(path: str) -> None:
 def _iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     """Yield (member name, bytes) in stored order, turning any read failure into ShardReadError."""
     try:
-        if not _is_url(url) and os.path.isfile(url):
-            _check_tar_end(url)
         # reraise_exception: webdataset's default handlers would otherwise be free to skip members.
         streams = tariterators.url_opener([{"url": url}], handler=reraise_exception)
         members = iter(tariterators.tar_file_expander(streams, handler=reraise_exception, eof_value=None))
@@ -188,6 +186,12 @@ def _iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
         try:
             member = next(members)
         except StopIteration:
+            # Checked at the end, not up front, so the samples before a cut are still read and cached.
+            if not _is_url(url) and os.path.isfile(url):
+                try:
+                    _check_tar_end(url)
+                except Exception as exc:
+                    raise ShardReadError(f"shard {url!r} is truncated ({_exception_text(exc)})") from exc
             return
         except Exception as exc:
             raise ShardReadError(
@@ -228,16 +232,23 @@ def iter_raw_samples(url: str) -> Iterator[RawSample]:
     """
     key: str | None = None
     members: dict[str, bytes] = {}
-    for name, data in _iter_tar_members(url):
-        split = _split_name(name)
-        if split is None:
-            continue  # no extension: not part of any sample, as in webdataset
-        member_key, suffix = split
-        if key is not None and (member_key != key or suffix in members):
-            yield _make_sample(key, url, members)
-            members = {}
-        key = member_key
-        members[suffix] = data
+    try:
+        for name, data in _iter_tar_members(url):
+            split = _split_name(name)
+            if split is None:
+                continue  # no extension: not part of any sample, as in webdataset
+            member_key, suffix = split
+            if key is not None and (member_key != key or suffix in members):
+                yield _make_sample(key, url, members)
+                members = {}
+            key = member_key
+            members[suffix] = data
+    except ShardReadError:
+        # Members are read whole, so a pending sample that has its audio and json is intact: keep it.
+        sample = _make_sample(key, url, members) if key is not None else None
+        if sample is not None and sample.audio is not None and sample.json is not None:
+            yield sample
+        raise
     if key is not None:
         yield _make_sample(key, url, members)
 
