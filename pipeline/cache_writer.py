@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,25 @@ class SampleRecord:
         s = self.states
         tensors = [*s.hidden_states.values(), s.final_hidden, s.audio_embeds]
         return self.input_ids.nbytes + self.loss_mask.nbytes + sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class WriteStats:
+    """Running totals for the progress bar: bytes handed to the writer, and raw vs stored bytes of finished parts."""
+
+    samples: int = 0
+    tokens: int = 0
+    raw_bytes: int = 0
+    finished_raw: int = 0
+    finished_stored: int = 0
+
+    def describe(self, record: SampleRecord, seconds: float) -> str:
+        """Count one more dumped sample and return the progress bar's text."""
+        self.samples += 1
+        self.tokens += len(record.input_ids)
+        self.raw_bytes += record.num_bytes
+        ratio = f"{self.finished_raw / self.finished_stored:.2f}x" if self.finished_stored else "n/a"
+        return f"{self.tokens / seconds:.0f} tok/s, {self.raw_bytes / 1e6:.0f} MB in, compression {ratio}"
 
 
 @dataclass
@@ -85,12 +105,14 @@ class PartWriter:
         dtype: str,
         codec: CodecConfig,
         writer: dict | None = None,
+        stats: WriteStats | None = None,
     ):
         self.path, self.shard, self.codec = path, shard, codec
         self.chunk = codec.chunk_tokens
         commit = read_json(path / COMMIT) if (path / COMMIT).exists() else None
         self.commit = commit or _empty_commit(shard)
         self.commit.setdefault("writers", []).append(writer or {})  # which rank of which run wrote it
+        self.stats = stats or WriteStats()
         group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
         state_dtype = STORED_DTYPES[dtype][0]
         specs = {
@@ -166,6 +188,8 @@ class PartWriter:
         self.commit["complete"] = True
         self.commit["error"] = error
         write_json_atomic(self.path / COMMIT, self.commit)
+        self.stats.finished_raw += self.commit["raw_bytes"]
+        self.stats.finished_stored += sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
     def _flush(self, everything: bool) -> None:
         for stream in self.streams.values():
@@ -218,10 +242,16 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._thread.start()
+        self.wait_seconds = 0.0  # time callers spent blocked on a full queue: the model waiting on the writer
 
     def submit(self, fn, *args) -> None:
         self._raise_if_failed()
-        self._queue.put((fn, args))
+        try:
+            self._queue.put_nowait((fn, args))
+        except queue.Full:
+            start = time.perf_counter()
+            self._queue.put((fn, args))
+            self.wait_seconds += time.perf_counter() - start
 
     def close(self) -> None:
         """Drain the queue, stop the thread, and re-raise the writer's error if it had one."""

@@ -249,6 +249,9 @@ class Eagle3Draft(nn.Module):
     def set_draft_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
             raise ValueError(f"draft vocab shapes {tuple(d2t.shape)}, {tuple(t2d.shape)} do not fit this draft")
+        target_ids = d2t + torch.arange(len(d2t))
+        if int(t2d.sum()) != len(d2t) or not t2d[target_ids].all():
+            raise ValueError("d2t and t2d name different target ids")
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 

@@ -31,7 +31,7 @@ from pipeline.cache_format import (
     read_json,
     write_json_atomic,
 )
-from pipeline.cache_writer import BackgroundWriter, PartWriter, SampleRecord
+from pipeline.cache_writer import BackgroundWriter, PartWriter, SampleRecord, WriteStats
 from pipeline.conversation import BadSample, parse_conversations
 from pipeline.shards import RawSample, expand_shard_urls, iter_raw_samples
 from pipeline.target import AudioTarget, TargetInputs, TargetStates, load_target
@@ -55,43 +55,40 @@ class StrictModeError(RuntimeError):
     pass
 
 
-def run_dump(cfg: DumpConfig) -> dict:
-    """Dump every shard of ``cfg.shards`` into ``cfg.out``; returns the final manifest's counts."""
+def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> dict:
+    """Dump every shard of ``cfg.shards`` into ``cfg.out`` and return the final manifest.
+
+    ``target`` may be passed already loaded (benchmarks); otherwise ``cfg.model`` is loaded here.
+    """
     state = PartialState(cpu=not torch.cuda.is_available())
     urls = expand_shard_urls(cfg.shards)
     dtype = cfg.dtype or ("bfloat16" if state.device.type == "cuda" else "float32")
-    target = load_target(cfg.model, dtype, state.device)
+    target = target or load_target(cfg.model, dtype, state.device)
+    dtype = str(target.dtype).removeprefix("torch.")
     layers = _check_layers(cfg.layers or target.default_layers(), target.num_layers)
     if state.is_main_process:
         _init_cache(cfg, target, layers, dtype, urls)
     state.wait_for_everyone()
 
-    mine = urls[state.process_index :: state.num_processes]
-    progress = tqdm(
-        unit="sample",
-        desc=f"dump rank {state.process_index}",
-        dynamic_ncols=True,
-        disable=not state.is_local_main_process,
-    )
     writer = BackgroundWriter(cfg.max_pending)
-    tokens, raw_bytes, start = 0, 0, time.perf_counter()
+    stats = WriteStats()
+    progress = tqdm(unit="sample", desc=f"dump rank {state.process_index}", disable=not state.is_local_main_process)
+    start = time.perf_counter()
     try:
-        for url in mine:
+        for url in urls[state.process_index :: state.num_processes]:
             writer_id = {"rank": state.process_index, "world_size": state.num_processes}
-            part = PartWriter(
-                cfg.out / PARTS / part_name(url), url, layers, target.hidden_size, dtype, cfg.codec, writer_id
-            )
+            path = cfg.out / PARTS / part_name(url)
+            part = PartWriter(path, url, layers, target.hidden_size, dtype, cfg.codec, writer_id, stats)
             if part.complete:
                 continue
             for record in _dump_shard(url, part, target, layers, cfg, writer):
-                tokens += len(record.input_ids)
-                raw_bytes += record.num_bytes
                 progress.update(1)
-                rate = tokens / (time.perf_counter() - start)
-                progress.set_postfix(tok_s=f"{rate:.0f}", MB=f"{raw_bytes / 1e6:.0f}", refresh=False)
+                progress.set_postfix_str(stats.describe(record, time.perf_counter() - start), refresh=False)
     finally:
         progress.close()
         writer.close()  # drains the queue; re-raises a write error (e.g. a full disk) here
+    elapsed = time.perf_counter() - start
+    print(f"rank {state.process_index}: the model waited {writer.wait_seconds:.1f} s of {elapsed:.1f} s on the writer")
     state.wait_for_everyone()
     manifest = _finalise(cfg.out, urls) if state.is_main_process else None
     state.wait_for_everyone()

@@ -138,7 +138,7 @@ def export_speculators(
     cfg = {
         "architectures": ["Eagle3Speculator"],
         "speculators_model_type": "eagle3",
-        "transformer_layer_config": {"architectures": ["LlamaForCausalLM"], **_llama_fields(config, dtype)},
+        "transformer_layer_config": _llama_fields(config, dtype),
         "draft_vocab_size": config.draft_vocab_size,
         "norm_before_residual": False,
         "target_hidden_size": config.target_hidden_size,
