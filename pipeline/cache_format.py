@@ -82,12 +82,13 @@ def from_stored(a: np.ndarray, dtype_name: str) -> torch.Tensor:
 
 
 def write_json_atomic(path: Path, doc: dict) -> None:
-    """Write-then-rename: readers and crashes see the old file or the new one, never half of one."""
+    """Write-then-rename: readers and killed processes see the old file or the new one, never half of one.
+
+    No fsync: like the chunk files (which zarr also writes then renames), commits rely on the OS page cache,
+    which survives a killed process; an fsync per commit would put a disk flush on the writer's path."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -30,6 +30,8 @@ from pipeline.cache_format import (
 )
 from pipeline.target import TargetStates
 
+FLUSH_CHUNKS = 16  # whole chunks buffered per array before a write and a commit: fewer, larger writes
+
 
 @dataclass
 class SampleRecord:
@@ -113,22 +115,8 @@ class PartWriter:
         self.commit = commit or _empty_commit(shard)
         self.commit.setdefault("writers", []).append(writer or {})  # which rank of which run wrote it
         self.stats = stats or WriteStats()
-        group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
-        state_dtype = STORED_DTYPES[dtype][0]
-        specs = {
-            "input_ids": (np.int32, ()),
-            "loss_mask": (np.uint8, ()),
-            "final_hidden": (state_dtype, (hidden_size,)),
-            "audio_embeds": (state_dtype, (hidden_size,)),
-            **{hidden_name(i): (state_dtype, (hidden_size,)) for i in layers},
-        }
-        written = {"audio_embeds": self.commit["audio_offsets"][-1]}
-        self.streams = {
-            name: _Stream(
-                self._array(group, name, dt, tail, dtype), written.get(name, self.commit["token_offsets"][-1])
-            )
-            for name, (dt, tail) in specs.items()
-        }
+        self._layers, self._hidden_size, self._dtype = layers, hidden_size, dtype
+        self._streams: dict[str, _Stream] | None = None
         # Samples accepted but not yet committed: (key, position, token end, audio end); rejects wait with them.
         self.uncommitted: list[tuple[str, int, int, int]] = []
         self.pending_rejects: list[tuple[int, dict]] = []  # (samples cached before it, reject)
@@ -136,7 +124,27 @@ class PartWriter:
         self.audio_end = self.commit["audio_offsets"][-1]
         self.raw_bytes = 0
 
-    def _array(self, group: zarr.Group, name: str, dtype, tail: tuple, dtype_name: str) -> zarr.Array:
+    @property
+    def streams(self) -> dict[str, _Stream]:
+        """The arrays, opened or created on first use: in the writer thread, off the model's path."""
+        if self._streams is None:
+            group = zarr.open_group(zarr.storage.LocalStore(self.path), mode="a")
+            state = STORED_DTYPES[self._dtype][0]
+            specs = {
+                "input_ids": (np.int32, ()),
+                "loss_mask": (np.uint8, ()),
+                "final_hidden": (state, (self._hidden_size,)),
+                "audio_embeds": (state, (self._hidden_size,)),
+                **{hidden_name(i): (state, (self._hidden_size,)) for i in self._layers},
+            }
+            rows = {"audio_embeds": self.commit["audio_offsets"][-1]}
+            self._streams = {
+                name: _Stream(self._array(group, name, dt, tail), rows.get(name, self.commit["token_offsets"][-1]))
+                for name, (dt, tail) in specs.items()
+            }
+        return self._streams
+
+    def _array(self, group: zarr.Group, name: str, dtype, tail: tuple) -> zarr.Array:
         if name in group:
             return group[name]
         return group.create_array(
@@ -146,7 +154,7 @@ class PartWriter:
             dtype=dtype,
             compressors=[self.codec.compressor(np.dtype(dtype).itemsize)],
             fill_value=0,
-            attributes={"torch_dtype": dtype_name if tail else str(np.dtype(dtype))},
+            attributes={"torch_dtype": self._dtype if tail else str(np.dtype(dtype))},
         )
 
     @property
@@ -173,7 +181,7 @@ class PartWriter:
         self.audio_end += len(s.audio_embeds)
         self.raw_bytes += record.num_bytes
         self.uncommitted.append((record.key, record.position, self.tokens_end, self.audio_end))
-        if self.streams["final_hidden"].pending_rows >= 4 * self.chunk:
+        if self.streams["final_hidden"].pending_rows >= FLUSH_CHUNKS * self.chunk:
             self._flush(everything=False)
 
     def reject(self, key: str, position: int, reason: str) -> None:
