@@ -11,14 +11,20 @@ sample_shards := "data/sample/shards/sample-{000000..000003}.tar"
 default:
     @just --list
 
-# The main job end to end on the bundled sample with the tiny default target.
+# The main job end to end on the bundled sample with the tiny default target: dump, inspect, train, export.
 pipeline out="runs/sample":
     {{py}} -m stages.dump_hidden "{{sample_shards}}" {{out}}/cache --model tiny
     {{py}} -m stages.inspect_cache {{out}}/cache
+    {{py}} -m stages.train_draft {{out}}/cache --runs-dir {{out}} --name draft --draft-vocab-size 256 \
+        --max-tokens 2048 --max-steps 60 --lr 3e-3 --warmup-steps 5 --eval-every 20 --ttt-steps 7
 
 # Stage one: cache the target's hidden states for SHARDS in OUT (extra flags: see --help).
 dump-hidden shards out *flags:
     {{py}} -m stages.dump_hidden "$1" "$2" "${@:3}"
+
+# Stage two: train an EAGLE-3 draft from CACHE (never loads the target) and export it for SGLang and vLLM.
+train-draft cache *flags:
+    {{py}} -m stages.train_draft "$1" "${@:2}"
 
 # What a cache holds: samples, tokens, bytes on disk, compression, rejects.
 inspect-cache path:
@@ -35,6 +41,10 @@ make-sample:
 # Benchmark stage one: dump vs forward-only throughput, writer MB/s per core, bytes per token.
 bench-dump *flags:
     {{py}} -m stages.bench_dump "$@"
+
+# Benchmark stage two's loader: Zarr cache vs raw bytes vs one torch.save file per sample; time to first batch.
+bench-train *flags:
+    {{py}} -m stages.bench_train "$@"
 
 # The test suite.
 test *flags:

@@ -39,18 +39,39 @@ class CachePart:
     def __init__(self, path: Path, num_samples: int):
         self.path = path
         self.num_samples = num_samples
+        self._arrays: dict[str, zarr.Array] = {}
 
     @cached_property
     def commit(self) -> dict:
+        return self.read_commit()
+
+    def read_commit(self) -> dict:
+        """``commit.json`` read afresh and not kept: a loader walking a huge cache holds only the parts in use."""
         return read_json(self.path / COMMIT)
 
     @cached_property
     def group(self) -> zarr.Group:
         return zarr.open_group(zarr.storage.LocalStore(self.path, read_only=True), mode="r")
 
+    def array(self, name: str) -> zarr.Array:
+        """One array of the part, opened once (opening reads and parses its metadata file)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Packed rows ``start:stop`` of one array in one read (a run of consecutive samples, split by offsets)."""
+        return self.array(name)[start:stop]
+
     def rows(self, name: str, i: int, audio: bool = False) -> np.ndarray:
         offsets = self.commit["audio_offsets" if audio else "token_offsets"]
-        return self.group[name][offsets[i] : offsets[i + 1]]
+        return self.read_rows(name, offsets[i], offsets[i + 1])
+
+    def release(self) -> None:
+        """Forget the commit and the open arrays (a loader walking many parts keeps only the recent ones open)."""
+        self._arrays.clear()
+        for name in ("commit", "group"):
+            self.__dict__.pop(name, None)
 
 
 class HiddenStateCache:

@@ -1,0 +1,604 @@
+"""Training batches for the draft, streamed from a hidden-state cache.
+
+    loader = make_loader("caches/train", LoaderConfig(layers=[2, 16, 29]), "train", epoch=0, rank=r, world_size=w)
+    for batch in loader:  # input_ids loss_mask [B, T]; aux [B, T, k*H]; inputs_embeds final_hidden [B, T, H]
+        ...               # lengths [B]; keys list[str]; right-padded (ids 0, mask False, states 0)
+
+How an epoch is planned (from metadata only, identically in every rank and DataLoader worker):
+
+1. The parts (one per input shard) are shuffled with (seed, epoch); ``mix_parts`` of them are open at a time and
+   samples are drawn from them at random, so one window mixes several shards. A part's ``commit.json`` is read
+   when the walk reaches it: nothing scans the cache, so the first batch costs one shuffle window of metadata
+   whether the cache holds ten thousand samples or ten million.
+2. Every ``shuffle_window`` samples are sorted by length (ties in random order) and cut into batches whose padded
+   size B * T_max fits ``max_tokens``; the window's batches are shuffled. This global sequence of batches depends
+   on the cache, the config, the split and the epoch only.
+3. Batch b goes to rank b % world_size; a rank's j-th batch (after ``skip_batches``) to DataLoader worker
+   j % num_workers. The DataLoader collects its workers round robin, so each rank sees its batches in the global
+   order whatever the number of workers, and the ranks together see every batch exactly once.
+
+Reads: a worker reads only the samples of its own batches (any other sample is some other worker's), straight
+into the batch tensors, which live in shared memory, so handing a batch to the main process copies nothing.
+Decompression runs in the workers. A sample's first and last chunks mostly hold its neighbours' rows (which go to
+other batches), so the reader decodes only the blosc blocks (128 KiB of rows) that hold its rows, read straight
+from the chunk files; a zarr slice would decode whole chunks (1.5x the work for ~500-token samples in 256-token
+chunks) into fresh arrays. Samples that touch in a part share their reads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import struct
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+import numcodecs.blosc
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from zarr.codecs import BloscCodec, BytesCodec
+from zarr.core.common import ZARR_JSON
+
+from pipeline.cache import HiddenStateCache, open_cache
+from pipeline.cache_format import STORED_DTYPES, hidden_name
+
+Split = Literal["train", "eval"]
+
+
+@dataclass
+class LoaderConfig:
+    layers: list[int]  # HF hidden_states indices concatenated into ``aux``, in this order; must be in the cache
+    max_tokens: int = 8192  # padded tokens (B * T_max) per micro-batch; a longer sample is cut to this
+    max_length: int | None = None  # cut every sample to this many tokens
+    # "merged": the cached merged audio embeddings at audio positions (what SGLang feeds the draft when serving);
+    # "placeholder": embed_tokens[input_ids] everywhere, as text-only trainers do.
+    audio_embeds: Literal["merged", "placeholder"] = "merged"
+    eval_percent: float = 2.0  # held-out share, decided per sample by a hash of its key (stable across runs)
+    num_workers: int = 2
+    prefetch_factor: int = 4  # batches in flight per worker
+    seed: int = 0
+    shuffle_window: int = 4096  # samples sorted by length together; larger: less padding, better mixing
+    mix_parts: int = 8  # parts (shards) drawn from at once
+    # Drop the epoch's last incomplete round of world_size batches, so that every rank gets as many batches (ranks
+    # otherwise differ by one, and a collective inside a loop over them would wait forever on the shorter rank).
+    even_ranks: bool = False
+    pin_memory: bool | None = None  # default: when CUDA is available
+
+    def __post_init__(self) -> None:
+        if self.audio_embeds not in ("merged", "placeholder"):
+            raise ValueError(f"audio_embeds must be 'merged' or 'placeholder', not {self.audio_embeds!r}")
+        if not self.layers:
+            raise ValueError("LoaderConfig.layers: at least one auxiliary layer")
+        if self.max_tokens < 1 or self.shuffle_window < 1 or self.mix_parts < 1:
+            raise ValueError("max_tokens, shuffle_window and mix_parts must be positive")
+
+    @property
+    def sample_limit(self) -> int:
+        return min(self.max_tokens, self.max_length or self.max_tokens)
+
+
+class SampleRef(NamedTuple):
+    """Where a planned sample lives: enough to read it without its part's commit file."""
+
+    part: int  # index into HiddenStateCache.parts
+    index: int  # sample index within the part
+    key: str
+    start: int  # first row in the part's token arrays
+    length: int  # tokens used (after truncation)
+    audio_start: int  # rows of the sample in the part's audio_embeds
+    audio_stop: int
+
+
+# ---------------------------------------------------------------------------------------------------- the split
+
+
+def eval_fraction(key: str) -> float:
+    """A stable position in [0, 100) for a sample key: the held-out split is those below ``eval_percent``."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64 * 100
+
+
+def in_split(key: str, split: Split, eval_percent: float) -> bool:
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    return (eval_fraction(key) < eval_percent) == (split == "eval")
+
+
+def split_keys(cache: HiddenStateCache, split: Split, eval_percent: float) -> list[str]:
+    """Every key of the split, in cache order (reads every commit file: for tests and reports, not for training)."""
+    return [k for part in cache.parts for k in _part_keys(part) if in_split(k, split, eval_percent)]
+
+
+def _part_keys(part) -> list[str]:
+    return part.read_commit()["keys"][: part.num_samples]
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+
+
+def plan_batches(cache: HiddenStateCache, cfg: LoaderConfig, split: Split, epoch: int) -> Iterator[list[SampleRef]]:
+    """The epoch's global sequence of batches, from metadata only (commit files, read as the walk reaches them)."""
+    seeds = np.random.SeedSequence([cfg.seed, epoch]).spawn(2)
+    draw, bucket = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
+    window: list[SampleRef] = []
+    for ref in _sample_stream(cache, cfg, split, draw):
+        window.append(ref)
+        if len(window) == cfg.shuffle_window:
+            yield from _bucket(window, cfg.max_tokens, bucket)
+            window = []
+    if window:
+        yield from _bucket(window, cfg.max_tokens, bucket)
+
+
+def _sample_stream(
+    cache: HiddenStateCache, cfg: LoaderConfig, split: Split, rng: np.random.Generator
+) -> Iterator[SampleRef]:
+    """The split's samples in random order: parts shuffled, ``mix_parts`` open at once, samples drawn among them."""
+    order = iter(rng.permutation(len(cache.parts)).tolist())
+    limit = cfg.sample_limit
+    open_parts: list[list[SampleRef]] = []
+
+    def open_next() -> bool:
+        for p in order:
+            refs = _part_refs(cache, p, split, cfg.eval_percent, limit)
+            if refs:
+                open_parts.append([refs[i] for i in rng.permutation(len(refs))])
+                return True
+        return False
+
+    while len(open_parts) < cfg.mix_parts and open_next():
+        pass
+    uniforms: list[float] = []
+    while open_parts:
+        if not uniforms:  # drawn in blocks: one Generator call per sample would dominate the planning time
+            uniforms = rng.random(1024).tolist()
+        j = min(int(uniforms.pop() * len(open_parts)), len(open_parts) - 1)
+        yield open_parts[j].pop()
+        if not open_parts[j]:
+            open_parts.pop(j)
+            open_next()
+
+
+def _part_refs(cache: HiddenStateCache, p: int, split: Split, eval_percent: float, limit: int) -> list[SampleRef]:
+    part = cache.parts[p]
+    if part.num_samples == 0:
+        return []
+    commit = part.read_commit()
+    tok, aud = commit["token_offsets"], commit["audio_offsets"]
+    return [
+        SampleRef(p, i, key, tok[i], min(tok[i + 1] - tok[i], limit), aud[i], aud[i + 1])
+        for i, key in enumerate(commit["keys"][: part.num_samples])
+        if in_split(key, split, eval_percent)
+    ]
+
+
+def _bucket(window: list[SampleRef], max_tokens: int, rng: np.random.Generator) -> Iterator[list[SampleRef]]:
+    """Sort by length, cut into batches within the token budget, shuffle the batches."""
+    shuffled = [window[i] for i in rng.permutation(len(window))]
+    batches: list[list[SampleRef]] = [[]]
+    for ref in sorted(shuffled, key=lambda r: r.length):  # stable: equal lengths stay in random order
+        if batches[-1] and (len(batches[-1]) + 1) * ref.length > max_tokens:
+            batches.append([])
+        batches[-1].append(ref)
+    for i in rng.permutation(len(batches)):
+        yield batches[i]
+
+
+def count_batches(cache_path: str | Path, cfg: LoaderConfig, split: Split, epoch: int = 0) -> int:
+    """Global batches in one epoch (rank r gets ``len(range(r, n, world_size))``, so ranks differ by at most one).
+
+    Walks the whole plan, so it reads every commit file (about a second per thousand parts): for learning-rate
+    schedules and progress bars, not on the path to the first batch. The count varies slightly between epochs.
+    """
+    return sum(1 for _ in plan_batches(open_cache(cache_path), cfg, split, epoch))
+
+
+def rank_batches(
+    batches: Iterable[list[SampleRef]], rank: int, world_size: int, skip_batches: int = 0, even: bool = False
+) -> Iterator[list[SampleRef]]:
+    """This rank's and this DataLoader worker's share of the global batches, in order (see the module notes)."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    for b, batch in enumerate(_whole_rounds(batches, world_size) if even else batches):
+        if b % world_size != rank:
+            continue
+        j = b // world_size - skip_batches  # the rank's j-th batch after the skipped ones
+        if j >= 0 and j % workers == worker:
+            yield batch
+
+
+def _whole_rounds(batches: Iterable[list[SampleRef]], n: int) -> Iterator[list[SampleRef]]:
+    """The batches up to the last complete round of ``n`` (one for each rank)."""
+    round_: list[list[SampleRef]] = []
+    for batch in batches:
+        round_.append(batch)
+        if len(round_) == n:
+            yield from round_
+            round_ = []
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+
+
+class PackedSource(Protocol):
+    """Rows of a part's packed arrays. The cache's Zarr arrays; the benchmark plugs in raw copies."""
+
+    def pieces(self, part: int, name: str, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows ``start:stop`` as consecutive (first row, rows) pieces, each valid until the next is produced."""
+        ...
+
+    def chunk_rows(self, name: str) -> int:
+        """The unit of decoding, in rows: reads of spans closer than this are merged."""
+        ...
+
+    def done(self, part: int) -> None:
+        """The walk has moved on from this part (a hint: close what it holds)."""
+        ...
+
+
+class ZarrSource:
+    """The cache's own arrays, read from the chunk files: only the compressed blosc blocks holding the wanted rows
+    are read and decoded (c-blosc's ``blosc_getitem``), into reused buffers. Arrays stored otherwise (other
+    codecs, sharding, another byte order) are read with a zarr slice."""
+
+    def __init__(self, cache: HiddenStateCache):
+        self.cache = cache
+        self.layouts: dict[str, _Layout | None] = {}  # per array name, from the first part that has it
+        self.checked: dict[tuple[int, str], _Layout | None] = {}  # (part, name) -> its layout if it is the same
+        self.scratch: dict[tuple, np.ndarray] = {}
+        self.raw = np.empty(0, np.uint8)  # one compressed chunk (only the parts of it that are needed)
+        self.decoded_bytes = 0  # what was decompressed, wanted or not (the benchmark reports the overhead)
+
+    def pieces(self, part: int, name: str, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        layout = self._layout(part, name)
+        if layout is None:
+            rows = self.cache.parts[part].read_rows(name, start, stop)
+            self.decoded_bytes += rows.nbytes
+            yield start, rows
+            return
+        chunk = layout.chunk
+        out = self.scratch.get(layout.scratch_key)
+        if out is None:
+            out = self.scratch[layout.scratch_key] = np.empty((chunk, *layout.row_shape), layout.dtype)
+        directory = self.cache.parts[part].path / name
+        for c in range(start // chunk, -(-stop // chunk)):
+            lo, hi = max(start - c * chunk, 0), min(stop - c * chunk, chunk)
+            self._decode(directory / layout.chunk_key(c), out, lo, hi, layout.fill_value)
+            yield c * chunk + lo, out[lo:hi]
+
+    def _layout(self, part: int, name: str) -> _Layout | None:
+        """How the part stores the array, if we may read its chunk files directly (else None: zarr reads it).
+
+        Every part of a cache is written alike, so the array is opened with zarr once per name; for the other
+        parts their metadata file is only compared with that one (opening with zarr costs ~1 ms per array: it
+        would dominate the first batch, which touches a dozen parts)."""
+        if (part, name) not in self.checked:
+            meta = json.loads((self.cache.parts[part].path / name / ZARR_JSON).read_bytes())
+            meta.pop("shape", None)  # the one field that differs between parts
+            if name not in self.layouts:
+                self.layouts[name] = _Layout.of(self.cache.parts[part].array(name), meta)
+            layout = self.layouts[name]
+            self.checked[part, name] = layout if layout is not None and layout.meta == meta else None
+        return self.checked[part, name]
+
+    def chunk_rows(self, name: str) -> int:
+        # spans are decoded block by block: merging two reads only pays when they touch
+        return 1 if _blosc_getitem() else int(self.cache.manifest["codec"]["chunk_tokens"])
+
+    def done(self, part: int) -> None:
+        self.cache.parts[part].release()
+        for name in [n for p, n in self.checked if p == part]:
+            del self.checked[part, name]
+
+    def _decode(self, path: Path, out: np.ndarray, lo: int, hi: int, fill_value) -> None:
+        """Rows ``lo:hi`` of the chunk stored at ``path`` into ``out[lo:hi]``."""
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:  # never written: zarr's fill value
+            out[lo:hi] = fill_value
+            return
+        with f:
+            head = f.read(16)
+            version, flags, typesize = head[0], head[2], head[3]
+            nbytes, blocksize, cbytes = struct.unpack("<III", head[4:16])
+            row = out.nbytes // len(out)
+            begin, end = lo * row, hi * row
+            if len(self.raw) < cbytes:
+                self.raw = np.empty(max(cbytes, 2 * len(self.raw)), np.uint8)
+            raw = self.raw
+            raw[:16] = np.frombuffer(head, np.uint8)
+            getitem = _blosc_getitem()
+            partial_decode = (
+                getitem is not None
+                and version == 2  # c-blosc 1 frame
+                and not flags & _BLOSC_MEMCPYED
+                and nbytes == out.nbytes
+                and blocksize > 0
+                and (begin, end) != (0, nbytes)
+                and begin % typesize == 0
+            )
+            if not partial_decode:
+                f.readinto(memoryview(raw)[16:cbytes])
+                numcodecs.blosc.decompress(memoryview(raw)[:cbytes], out)
+                self.decoded_bytes += nbytes
+                return
+            # read the block offsets and the compressed blocks holding begin:end, nothing else
+            nblocks = -(-nbytes // blocksize)
+            table = f.read(4 * nblocks)
+            raw[16 : 16 + len(table)] = np.frombuffer(table, np.uint8)
+            starts = np.frombuffer(table, "<i4")
+            first, last = begin // blocksize, (end - 1) // blocksize
+            # blocks may be stored out of order (multi-threaded compression): one ends where the next stored starts
+            ordered = np.append(np.sort(starts), cbytes)
+            wanted = starts[first : last + 1]
+            a, b = int(wanted.min()), int(ordered[np.searchsorted(ordered, wanted, side="right")].max())
+            f.seek(a)
+            f.readinto(memoryview(raw)[a:b])
+            done = getitem(raw.ctypes.data, begin // typesize, (end - begin) // typesize, out[lo:hi].ctypes.data)
+            if done != end - begin:
+                raise OSError(f"blosc could not decode rows {lo}:{hi} of {path} (returned {done})")
+            self.decoded_bytes += min((last + 1) * blocksize, nbytes) - first * blocksize
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """An array stored as one blosc frame per chunk file, chunked along rows only (what PartWriter writes)."""
+
+    meta: dict  # its zarr.json without the shape
+    chunk: int
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    fill_value: object
+    encode_key: Callable
+
+    @staticmethod
+    def of(array: zarr.Array, meta: dict) -> _Layout | None:
+        if not _plain_blosc(array) or any(c != s for c, s in zip(array.chunks[1:], array.shape[1:], strict=True)):
+            return None
+        m = array.metadata
+        return _Layout(meta, array.chunks[0], array.shape[1:], array.dtype, m.fill_value, m.encode_chunk_key)
+
+    @property
+    def scratch_key(self) -> tuple:
+        return self.chunk, self.row_shape, self.dtype.str
+
+    def chunk_key(self, c: int) -> str:
+        return self.encode_key((c,) + (0,) * len(self.row_shape))
+
+
+# c-blosc 1 frames: version, versionlz, flags, typesize (one byte each), nbytes, blocksize, cbytes (u32 LE), then
+# one i32 offset per block, unless the data was stored as is (this flag).
+_BLOSC_MEMCPYED = 0x02
+
+
+@lru_cache(maxsize=1)
+def _blosc_getitem() -> Callable | None:
+    """c-blosc's ``blosc_getitem`` (decode a range of items, touching only their blocks), from numcodecs' build."""
+    try:
+        fn = ctypes.CDLL(numcodecs.blosc.__file__).blosc_getitem
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _plain_blosc(array: zarr.Array) -> bool:
+    """Chunks stored as one blosc frame each, in native byte order, one file per chunk (what PartWriter writes)."""
+    codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
+    return (
+        len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder)
+        and isinstance(codecs[1], BloscCodec)
+    )
+
+
+def coalesce(spans: list[tuple[int, int]], chunk: int) -> list[tuple[int, int, list[int]]]:
+    """Merge sorted row spans into reads: (start, stop, indices of the spans it covers).
+
+    Spans share a read unless a whole ``chunk`` (the unit of decoding) lies between them: the merged read then
+    decodes nothing the separate reads would not, and decodes their shared unit once.
+    """
+    runs: list[tuple[int, int, list[int]]] = []
+    for i, (a, b) in enumerate(spans):
+        if runs:
+            start, stop, members = runs[-1]
+            next_boundary = -(-stop // chunk) * chunk
+            if next_boundary + chunk > a:
+                runs[-1] = (start, max(stop, b), [*members, i])
+                continue
+        runs.append((a, b, [i]))
+    return runs
+
+
+class BatchReader:
+    """Reads the samples of one planned batch straight into the padded batch tensors."""
+
+    def __init__(self, cache: HiddenStateCache, cfg: LoaderConfig, source: PackedSource, shared: bool = False):
+        self.cache, self.cfg, self.source, self.shared = cache, cfg, source, shared
+        # destination of each token array in the builder: (name, column block)
+        self.token_arrays = {"input_ids": ("input_ids", 0), "loss_mask": ("loss_mask", 0)}
+        self.token_arrays |= {hidden_name(layer): ("aux", j) for j, layer in enumerate(cfg.layers)}
+        self.token_arrays |= {"final_hidden": ("final_hidden", 0)}
+        self.merged = cfg.audio_embeds == "merged"
+        self.open_parts: list[int] = []  # most recent last; older ones are released
+
+    def read(self, refs: list[SampleRef]) -> dict:
+        out = BatchBuilder([r.length for r in refs], self.cache, len(self.cfg.layers), self.shared)
+        by_part: dict[int, list[int]] = defaultdict(list)  # batch rows per part, in the part's order
+        for b in sorted(range(len(refs)), key=lambda b: refs[b].start):
+            by_part[refs[b].part].append(b)
+        chunk = self.source.chunk_rows("final_hidden")
+        for part, members in by_part.items():
+            spans = [(refs[b].start, refs[b].start + refs[b].length) for b in members]
+            for name, (dest, column) in self.token_arrays.items():
+                self._copy_runs(part, name, spans, members, chunk, partial(out.put, dest, column=column))
+        for b in range(len(refs)):
+            out.embed(b)
+        if self.merged:
+            for b, ref in enumerate(refs):
+                if len(out.audio_at[b]) > ref.audio_stop - ref.audio_start:
+                    raise ValueError(
+                        f"sample {ref.key}: {len(out.audio_at[b])} audio positions but only "
+                        f"{ref.audio_stop - ref.audio_start} cached audio embeddings"
+                    )
+            for part, members in by_part.items():
+                spans = [(refs[b].audio_start, refs[b].audio_stop) for b in members]
+                self._copy_runs(part, "audio_embeds", spans, members, chunk, out.put_audio)
+        for part in by_part:
+            self._touch(part)
+        return out.finish([r.key for r in refs])
+
+    def _copy_runs(self, part, name, spans, members, chunk, put: Callable[[int, int, np.ndarray], None]) -> None:
+        """One read per run of neighbouring spans; each piece goes to the samples whose rows it holds."""
+        for start, stop, covered in coalesce(spans, chunk):
+            for first, rows in self.source.pieces(part, name, start, stop):
+                last = first + len(rows)
+                for i in covered:
+                    a, b = max(spans[i][0], first), min(spans[i][1], last)
+                    if a < b:
+                        put(members[i], a - spans[i][0], rows[a - first : b - first])
+
+    def _touch(self, part: int) -> None:
+        if part in self.open_parts:
+            self.open_parts.remove(part)
+        self.open_parts.append(part)
+        if len(self.open_parts) > 4 * self.cfg.mix_parts:
+            self.source.done(self.open_parts.pop(0))
+
+
+class BatchBuilder:
+    """Padded batch tensors, written piece by piece from rows in the stored dtype (bf16 as uint16)."""
+
+    def __init__(self, lengths: list[int], cache: HiddenStateCache, k: int, shared: bool):
+        b, t, h = len(lengths), max(lengths), cache.info["hidden_size"]
+        self.lengths, self.hidden, self.audio_token_id = lengths, h, cache.audio_token_id
+        self.table = cache.embed_tokens  # memory-mapped, shared by every worker
+        self.dtype = STORED_DTYPES[cache.dtype][1]
+        self.t = {
+            "input_ids": _empty((b, t), torch.int64, shared),
+            "loss_mask": _empty((b, t), torch.bool, shared),
+            "aux": _empty((b, t, k * h), self.dtype, shared),
+            "inputs_embeds": _empty((b, t, h), self.table.dtype, shared),
+            "final_hidden": _empty((b, t, h), self.dtype, shared),
+        }
+        for x in self.t.values():  # zero the padding only: the rest is written once
+            for i, n in enumerate(lengths):
+                x[i, n:] = 0
+        self.audio_at: dict[int, torch.Tensor] = {}
+
+    def put(self, name: str, b: int, at: int, rows: np.ndarray, column: int = 0) -> None:
+        """Rows ``at:at+len(rows)`` of sample ``b`` (cut to its length); ``column``: which block of ``aux``."""
+        n = min(len(rows), self.lengths[b] - at)
+        if n <= 0:
+            return
+        dest = self.t[name][b, at : at + n]
+        if name == "aux":
+            dest = dest[:, column * self.hidden : (column + 1) * self.hidden]
+        src = _as_tensor(rows[:n])
+        # torch's copy is ~2x numpy's into strided bf16 columns; it also casts int32 ids and uint8 masks
+        dest.copy_(src.view(self.dtype) if src.dtype == torch.uint16 else src)
+
+    def embed(self, b: int) -> None:
+        """Token embeddings of sample ``b`` (its ids must be in): audio positions are overwritten by put_audio."""
+        n = self.lengths[b]
+        ids = self.t["input_ids"][b, :n]
+        torch.index_select(self.table, 0, ids, out=self.t["inputs_embeds"][b, :n])
+        self.audio_at[b] = (ids == self.audio_token_id).nonzero().squeeze(1)
+
+    def put_audio(self, b: int, at: int, rows: np.ndarray) -> None:
+        """Cached merged audio embeddings ``at:at+len(rows)`` of sample ``b``, at its audio positions in order."""
+        positions = self.audio_at[b][at : at + len(rows)]  # a cut sample keeps its first audio rows only
+        if len(positions):
+            src = _as_tensor(rows[: len(positions)])
+            self.t["inputs_embeds"][b, positions] = src.view(self.dtype).to(self.table.dtype)
+
+    def finish(self, keys: list[str]) -> dict:
+        return {**self.t, "lengths": torch.tensor(self.lengths, dtype=torch.int64), "keys": keys}
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():  # a read-only memory map (benchmark baselines): only ever read from
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(max(math.prod(shape) * dtype.itemsize, 1))
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+class DraftDataset(IterableDataset):
+    """One rank's batches of one epoch; each DataLoader worker opens the cache itself (manifest only)."""
+
+    def __init__(
+        self,
+        cache_path: str | Path,
+        cfg: LoaderConfig,
+        split: Split,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_batches: int = 0,
+        source: Callable[[HiddenStateCache], PackedSource] = ZarrSource,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cache_path, self.cfg, self.split, self.epoch = Path(cache_path), cfg, split, epoch
+        self.rank, self.world_size, self.skip_batches, self.source = rank, world_size, skip_batches, source
+
+    def __iter__(self) -> Iterator[dict]:
+        cache = open_cache(self.cache_path)
+        reader = BatchReader(cache, self.cfg, self.source(cache), shared=get_worker_info() is not None)
+        plan = plan_batches(cache, self.cfg, self.split, self.epoch)
+        for refs in rank_batches(plan, self.rank, self.world_size, self.skip_batches, self.cfg.even_ranks):
+            yield reader.read(refs)
+
+
+def check_config(cache: HiddenStateCache, cfg: LoaderConfig) -> None:
+    missing = [i for i in cfg.layers if i not in cache.layers]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the cache, which captured {cache.layers}")
+
+
+def make_loader(
+    cache_path: str | Path,
+    cfg: LoaderConfig,
+    split: Split,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    skip_batches: int = 0,
+    source: Callable[[HiddenStateCache], PackedSource] = ZarrSource,
+) -> DataLoader:
+    """This rank's batches of one epoch as a DataLoader (batches are assembled in the workers)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    check_config(open_cache(cache_path), cfg)  # fail here, not in a worker
+    dataset = DraftDataset(cache_path, cfg, split, epoch, rank, world_size, skip_batches, source)
+    workers = cfg.num_workers
+    pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+        pin_memory=pin,
+    )

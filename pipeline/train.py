@@ -1,0 +1,292 @@
+"""Stage two: train an EAGLE-3 draft from a hidden-state cache (the target is never loaded) and export it.
+
+The whole loop is ``train`` below; everything it composes lives in its own module: the cache reader and loader
+(``cache``, ``draft_data``), the draft vocab (``draft_vocab``), the model (``draft_model``), the teacher
+(``teacher``), the training-time test objective (``ttt_loss``), checkpoints, plots and the server exports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from pipeline.cache import HiddenStateCache, open_cache
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.draft_data import LoaderConfig, make_loader
+from pipeline.draft_model import DraftConfig, Eagle3Draft
+from pipeline.draft_vocab import load_or_build_draft_vocab
+from pipeline.export import export_sglang, export_speculators
+from pipeline.plots import plot_acceptance
+from pipeline.teacher import Teacher
+from pipeline.ttt_loss import StepStats, TrainingTimeTest, teacher_targets
+
+
+@dataclass
+class TrainConfig:
+    cache: str
+    name: str = "draft"
+    runs_dir: str = "runs"
+    target: str | None = None  # if set, the cache must come from this target (model id or path)
+    # the draft: which cached layers it reads, its vocab and width (None: derived from the cache's target)
+    layers: list[int] | None = None
+    draft_vocab_size: int | None = None  # None: 32000, or the whole target vocab if smaller
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    ttt_steps: int = 7
+    loss_decay: float = 0.8
+    audio_embeds: str = "merged"  # or "placeholder" (the placeholder token's embedding, as text-only trainers)
+    # optimisation
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_steps: int | None = None  # None: ``epochs`` over the cache's tokens (estimated from its manifest)
+    epochs: float = 1.0
+    max_tokens: int = 8192  # token budget of one micro-batch
+    grad_accum: int = 1
+    clip_grad: float = 0.5
+    seed: int = 0
+    # data, evaluation, logging, checkpoints
+    num_workers: int = 2
+    eval_percent: float = 5.0
+    eval_every: int = 50
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def check_cache_fits(cache: HiddenStateCache, cfg: TrainConfig) -> list[int]:
+    """The aux layers to train on; stops with a message, before any training, if the cache cannot serve them."""
+    info = cache.info
+    if cfg.target and cfg.target not in (info["model"], info["model"].rstrip("/").split("/")[-1]):
+        raise SystemExit(f"{cfg.cache} was dumped from {info['model']!r}, not --target {cfg.target!r}")
+    layers = cfg.layers or _eagle3_layers(info["num_layers"], info["captured_layers"])
+    missing = sorted(set(layers) - set(info["captured_layers"]))
+    if missing:
+        raise SystemExit(
+            f"--layers {layers}: the cache captured {info['captured_layers']}, not {missing}; dump again with "
+            f"--layers {','.join(map(str, sorted(set(layers) | set(info['captured_layers']))))}"
+        )
+    if cfg.draft_vocab_size is None:
+        cfg.draft_vocab_size = min(32000, info["vocab_size"])
+    if cfg.draft_vocab_size > info["vocab_size"]:
+        raise SystemExit(f"--draft-vocab-size {cfg.draft_vocab_size} exceeds the target vocab {info['vocab_size']}")
+    return layers
+
+
+def _eagle3_layers(num_layers: int, captured: list[int]) -> list[int]:
+    default = sorted({2, num_layers // 2, num_layers - 3})
+    return default if set(default) <= set(captured) else captured[:3]
+
+
+def build_draft_config(cache: HiddenStateCache, cfg: TrainConfig, layers: list[int]) -> DraftConfig:
+    text = cache.manifest["target"]["config"]["text_config"]
+    if text["hidden_size"] != cache.info["hidden_size"]:
+        raise SystemExit(f"cache hidden size {cache.info['hidden_size']} differs from its target's {text}")
+    draft = DraftConfig.from_text_config(text, layers, cfg.draft_vocab_size)
+    overrides = {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(draft, name, value)
+    if cfg.hidden_size or cfg.num_attention_heads:
+        draft.head_dim = draft.hidden_size // draft.num_attention_heads
+    return draft
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def estimate_steps(cache: HiddenStateCache, cfg: TrainConfig, world: int) -> int:
+    tokens = cache.info["counts"].get("tokens", 0) * (1 - cfg.eval_percent / 100)
+    return max(1, math.ceil(cfg.epochs * tokens / (cfg.max_tokens * cfg.grad_accum * world)))
+
+
+class Batches:
+    """This rank's micro-batches, epoch after epoch, in groups of ``grad_accum`` that all ranks take together.
+
+    Rank r's i-th batch of an epoch is the epoch's global batch i * world + r, so step s of any world size and
+    accumulation with the same world * accum trains on the same global batches. An epoch's last, partial group is
+    dropped on every rank at once (all ranks agree through one tiny all-reduce per step), which keeps the ranks in
+    the same epoch and makes runs of different world sizes comparable batch for batch.
+    """
+
+    def __init__(self, acc: Accelerator, cache_path: str, loader_cfg: LoaderConfig, epoch: int = 0, consumed: int = 0):
+        self.acc, self.cache_path, self.loader_cfg = acc, cache_path, loader_cfg
+        self.epoch, self.consumed, self._it = epoch, consumed, None
+
+    def next_group(self, size: int) -> list[dict]:
+        while True:
+            fresh = self._it is None and self.consumed == 0
+            if self._it is None:
+                self._it = iter(self._loader())
+            group = [b for b in (next(self._it, None) for _ in range(size)) if b is not None]
+            self.consumed += len(group)
+            full = torch.tensor(float(len(group) == size), device=self.acc.device)
+            if self.acc.reduce(full, reduction="sum").item() == self.acc.num_processes:
+                return [{k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+                        for b in group]  # fmt: skip
+            if fresh:
+                raise SystemExit(
+                    f"an epoch of {self.cache_path} has fewer than {size} x {self.acc.num_processes} training "
+                    "batches: lower --max-tokens or --grad-accum, use fewer ranks, or lower --eval-percent"
+                )
+            self._it, self.epoch, self.consumed = None, self.epoch + 1, 0
+
+    def _loader(self):
+        acc = self.acc
+        return make_loader(self.cache_path, self.loader_cfg, "train", self.epoch, acc.process_index,
+                           acc.num_processes, skip_batches=self.consumed)  # fmt: skip
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+
+def train(cfg: TrainConfig) -> Path:
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    torch.manual_seed(cfg.seed)
+    cache = open_cache(cfg.cache)
+    layers = check_cache_fits(cache, cfg)
+    draft_cfg = build_draft_config(cache, cfg, layers)
+    with acc.main_process_first():  # the main process counts and stores the draft vocab once; the rest read it
+        d2t, t2d = load_or_build_draft_vocab(cache, cfg.draft_vocab_size)
+    draft = Eagle3Draft(draft_cfg)
+    draft.set_draft_vocab(d2t, t2d)
+    teacher = Teacher(cache.head_weights()["lm_head"].float(), d2t, t2d).to(acc.device)
+    objective = TrainingTimeTest(draft, cfg.ttt_steps, cfg.loss_decay)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    total_steps = cfg.max_steps or estimate_steps(cache, cfg, acc.num_processes)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
+    run = cfg.run_dir
+    step, history, position = 0, [], {"epoch": 0, "consumed": 0}
+    if cfg.resume and (ckpt := latest_checkpoint(run)):
+        model_state, optim_state, trainer = load_checkpoint(ckpt)
+        draft.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        step, history = trainer["step"], trainer["history"]
+        schedule.load_state_dict(trainer["schedule"])
+        position = trainer["data"][acc.process_index]
+        acc.print(f"resumed from {ckpt} at step {step}")
+    objective, optimizer = acc.prepare(objective, optimizer)
+    loader_cfg = LoaderConfig(
+        layers=layers, max_tokens=cfg.max_tokens, audio_embeds=cfg.audio_embeds, eval_percent=cfg.eval_percent,
+        num_workers=cfg.num_workers, seed=cfg.seed,
+    )  # fmt: skip
+    batches = Batches(acc, cfg.cache, loader_cfg, **position)
+    if acc.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "draft": draft_cfg.to_dict()}, indent=1))
+    tb = SummaryWriter(run / "tensorboard") if acc.is_main_process else None
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.name}", disable=not acc.is_main_process)
+    window, tokens, started = StepStats.zeros(cfg.ttt_steps), 0, time.time()
+
+    if step == 0:  # the untrained draft: the baseline every later evaluation is read against
+        history.append({"step": 0, **evaluate(acc, objective, teacher, cfg, loader_cfg)})
+    while step < total_steps:
+        for batch in batches.next_group(cfg.grad_accum):
+            with acc.autocast():
+                loss, sums = objective(batch, teacher_targets(teacher, batch))
+            acc.backward(loss / cfg.grad_accum)
+            window, tokens = window + StepStats(sums.cpu()), tokens + int(batch["lengths"].sum())
+        acc.clip_grad_norm_(objective.parameters(), cfg.clip_grad)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            metrics = _reduce(acc, window).summary()
+            rate = _reduce_scalar(acc, tokens) / (time.time() - started)
+            _log(tb, "train", step, {**metrics, "lr": schedule.get_last_lr()[0], "tokens_per_s": rate})
+            bar.set_postfix_str(f"kl_0 {metrics['kl_0']:.3f} acc_0 {metrics['acc_0']:.3f} {rate:.0f} tok/s")
+            window, tokens, started = StepStats.zeros(cfg.ttt_steps), 0, time.time()
+        if step % cfg.eval_every == 0 or step == total_steps:
+            metrics = evaluate(acc, objective, teacher, cfg, loader_cfg)
+            history.append({"step": step, **metrics})
+            _log(tb, "eval", step, metrics)
+            acc.print(
+                f"step {step} eval: "
+                + " ".join(f"acc_{k} {metrics[f'acc_{k}']:.3f}" for k in range(cfg.ttt_steps))
+                + f" tau~{metrics['expected_accept_len']:.2f}"
+            )
+            if acc.is_main_process:
+                plot_acceptance(history, run / "acceptance.png", f"{cfg.name}: held-out acc_k")
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            positions = gather_object([batches.position()])
+            if acc.is_main_process:
+                trainer = {"step": step, "history": history, "data": positions, "schedule": schedule.state_dict()}
+                save_checkpoint(run, step, draft.state_dict(), optimizer.state_dict(), trainer, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+    bar.close()
+    if acc.is_main_process:
+        _export(draft, draft_cfg, cfg, cache, run)
+        (run / "eval.json").write_text(json.dumps(history, indent=1))
+    acc.wait_for_everyone()
+    return run
+
+
+@torch.no_grad()
+def evaluate(acc: Accelerator, objective, teacher: Teacher, cfg: TrainConfig, loader_cfg: LoaderConfig) -> dict:
+    # Unwrapped: ranks hold different numbers of eval batches, and DDP's forward would sync buffers each call.
+    objective = acc.unwrap_model(objective)
+    objective.eval()
+    total = StepStats.zeros(cfg.ttt_steps)
+    for batch in make_loader(cfg.cache, loader_cfg, "eval", 0, acc.process_index, acc.num_processes):
+        batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with acc.autocast():
+            _, sums = objective(batch, teacher_targets(teacher, batch))
+        total = total + StepStats(sums.cpu())
+    objective.train()
+    return _reduce(acc, total).summary()
+
+
+def _reduce(acc: Accelerator, stats: StepStats) -> StepStats:
+    return StepStats(acc.reduce(stats.sums.to(acc.device), reduction="sum").cpu())
+
+
+def _reduce_scalar(acc: Accelerator, value: float) -> float:
+    return float(acc.reduce(torch.tensor(float(value), device=acc.device), reduction="sum"))
+
+
+def _log(tb: SummaryWriter | None, split: str, step: int, metrics: dict) -> None:
+    if tb is None:
+        return
+    for name, value in metrics.items():
+        tb.add_scalar(f"{split}/{name}", value, step)
+    tb.flush()
+
+
+def _export(draft: Eagle3Draft, draft_cfg: DraftConfig, cfg: TrainConfig, cache: HiddenStateCache, run: Path) -> None:
+    target = cache.info["model"]
+    try:
+        export_sglang(draft, draft_cfg, run / "draft", target)
+        export_speculators(draft, draft_cfg, run / "draft-speculators", target, cfg.ttt_steps)
+        print(f"exported {run / 'draft'} (SGLang) and {run / 'draft-speculators'} (vLLM speculators)")
+    except ValueError as err:  # e.g. not 3 aux layers: trainable for experiments, not servable
+        print(f"not exported for the servers: {err}")

@@ -1,0 +1,101 @@
+"""EAGLE-3's training-time test (TTT): unroll the draft K steps on its own hidden states and score every step.
+
+Alignment (row t of the batch is one drafting chain):
+    step 0: hidden = fc(aux states of token t), input embedding of token t+1, predicts token t+2
+    step k: hidden = the draft's own step k-1 output for row t, embedding of token t+1+k, predicts token t+2+k
+The teacher for step k at row t is the target's distribution at position t+1+k (it predicts token t+2+k). Step k
+counts at row t only where token t+2+k is an assistant token (loss mask) and the target's top token there is in
+the draft vocab. Loss: soft cross-entropy against the teacher, mean over counted rows, weighted ``decay**k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.draft_model import Eagle3Draft, TTTCache
+from pipeline.teacher import Teacher, TeacherOutput
+
+
+def shift_left(x: torch.Tensor, s: int) -> torch.Tensor:
+    """x[:, s:] padded with zeros to the same length: row t now holds what row t+s held."""
+    if s == 0:
+        return x
+    pad = torch.zeros_like(x[:, :s])
+    return torch.cat([x[:, s:], pad], dim=1)
+
+
+FIELDS = ("loss", "kl", "rows", "correct", "chain_rows", "chain_correct")
+
+
+@dataclass
+class StepStats:
+    """Per-step sums over rows (``FIELDS`` x K steps); sums add across batches and ranks, means come last.
+
+    ``chain_rows``/``chain_correct`` count only rows whose earlier steps were all right: their ratio is the
+    conditional acceptance of step k, the quantity speculative decoding's acceptance length is made of.
+    """
+
+    sums: torch.Tensor  # [len(FIELDS), K] float64
+
+    @classmethod
+    def zeros(cls, steps: int) -> StepStats:
+        return cls(torch.zeros(len(FIELDS), steps, dtype=torch.float64))
+
+    def __add__(self, other: StepStats) -> StepStats:
+        return StepStats(self.sums + other.sums)
+
+    def summary(self) -> dict[str, float]:
+        """loss_k, kl_k, acc_k, cond_acc_k and the teacher-forced acceptance length 1 + sum_k prod_{j<=k} cond_j."""
+        loss, kl, rows, correct, chain_rows, chain_correct = self.sums.tolist()
+        out, survive, tau = {}, 1.0, 1.0
+        for k in range(len(rows)):
+            out[f"loss_{k}"] = loss[k] / max(rows[k], 1)
+            out[f"kl_{k}"] = kl[k] / max(rows[k], 1)  # loss minus the teacher's entropy: what can still fall
+            out[f"acc_{k}"] = correct[k] / max(rows[k], 1)
+            out[f"cond_acc_{k}"] = chain_correct[k] / max(chain_rows[k], 1)
+            survive *= out[f"cond_acc_{k}"]
+            tau += survive
+        out["expected_accept_len"] = tau
+        return out
+
+
+class TrainingTimeTest(nn.Module):
+    """The draft unrolled ``steps`` times with its loss: the module DDP wraps (the teacher stays outside it, so
+    its large lm_head is never broadcast as a buffer)."""
+
+    def __init__(self, draft: Eagle3Draft, steps: int, decay: float = 0.8):
+        super().__init__()
+        self.draft, self.steps, self.decay = draft, steps, decay
+
+    def forward(self, batch: dict, target: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (weighted loss, per-step sums [len(FIELDS), steps]) for one micro-batch."""
+        draft, ids, loss_mask = self.draft, batch["input_ids"], batch["loss_mask"]
+        dtype = draft.fc.weight.dtype
+        embeds = batch["inputs_embeds"].to(dtype)
+        hidden = draft.project(batch["aux"].to(dtype))
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        draft_to_target = draft.d2t + torch.arange(len(draft.d2t), device=ids.device)
+        cache, total, per_step = TTTCache(), 0.0, []
+        chain = torch.ones_like(loss_mask)
+        for k in range(self.steps):
+            hidden, logits = draft(shift_left(embeds, 1 + k), hidden, positions, cache)
+            counted = shift_left(loss_mask, 2 + k) & shift_left(target.in_draft_vocab, 1 + k)
+            teacher_logp = shift_left(target.log_probs, 1 + k)
+            teacher_p, draft_logp = teacher_logp.exp(), logits.float().log_softmax(-1)
+            row_loss = -(teacher_p * draft_logp).sum(-1)[counted]
+            row_kl = (teacher_p * (teacher_logp - draft_logp)).sum(-1)[counted]
+            total = total + self.decay**k * row_loss.sum() / counted.sum().clamp(min=1)
+            right = draft_to_target[logits.argmax(-1)] == shift_left(target.top_ids, 1 + k)
+            counts = [row_loss.sum(), row_kl.sum(), counted.sum(), (right & counted).sum(), (chain & counted).sum(),
+                      (chain & right & counted).sum()]  # fmt: skip
+            per_step.append(torch.stack([c.detach().double() for c in counts]))
+            chain = chain & (right | ~counted)  # a row's chain breaks at its first counted miss
+        return total, torch.stack(per_step, dim=1)
+
+
+def teacher_targets(teacher: Teacher, batch: dict) -> TeacherOutput:
+    """The teacher at every position j whose next token j+1 is supervised (what any TTT step may count)."""
+    return teacher(batch["final_hidden"], shift_left(batch["loss_mask"], 1))
