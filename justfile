@@ -15,7 +15,7 @@ default:
 pipeline out="runs/sample":
     {{py}} -m stages.dump_hidden "{{sample_shards}}" {{out}}/cache --model tiny
     {{py}} -m stages.inspect_cache {{out}}/cache
-    {{py}} -m stages.train_draft {{out}}/cache --runs-dir {{out}} --name draft --draft-vocab-size 256 \
+    {{py}} -m stages.train_draft {{out}}/cache --runs-dir {{out}} --name eagle3 --draft-vocab-size 256 \
         --max-tokens 2048 --max-steps 60 --lr 3e-3 --warmup-steps 5 --eval-every 20 --ttt-steps 7
 
 # Stage one: cache the target's hidden states for SHARDS in OUT (extra flags: see --help).

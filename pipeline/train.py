@@ -204,12 +204,15 @@ def train(cfg: TrainConfig) -> Path:
         (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "draft": draft_cfg.to_dict()}, indent=1))
     tb = SummaryWriter(run / "tensorboard") if acc.is_main_process else None
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.name}", disable=not acc.is_main_process)
-    window, tokens, started = StepStats.zeros(cfg.ttt_steps), 0, time.time()
+    window, tokens, started, waited = StepStats.zeros(cfg.ttt_steps), 0, time.time(), 0.0
 
     if step == 0:  # the untrained draft: the baseline every later evaluation is read against
         history.append({"step": 0, **evaluate(acc, objective, teacher, cfg, loader_cfg)})
     while step < total_steps:
-        for batch in batches.next_group(cfg.grad_accum):
+        ask = time.time()
+        group = batches.next_group(cfg.grad_accum)
+        waited += time.time() - ask  # the accelerator idles while the loader has no batch ready
+        for batch in group:
             with acc.autocast():
                 loss, sums = objective(batch, teacher_targets(teacher, batch))
             acc.backward(loss / cfg.grad_accum)
@@ -222,10 +225,15 @@ def train(cfg: TrainConfig) -> Path:
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
             metrics = _reduce(acc, window).summary()
-            rate = _reduce_scalar(acc, tokens) / (time.time() - started)
-            _log(tb, "train", step, {**metrics, "lr": schedule.get_last_lr()[0], "tokens_per_s": rate})
-            bar.set_postfix_str(f"kl_0 {metrics['kl_0']:.3f} acc_0 {metrics['acc_0']:.3f} {rate:.0f} tok/s")
-            window, tokens, started = StepStats.zeros(cfg.ttt_steps), 0, time.time()
+            elapsed = time.time() - started
+            rate = _reduce_scalar(acc, tokens) / elapsed
+            extra = {"lr": schedule.get_last_lr()[0], "tokens_per_s": rate, "data_wait_fraction": waited / elapsed}
+            _log(tb, "train", step, {**metrics, **extra})
+            bar.set_postfix_str(
+                f"kl_0 {metrics['kl_0']:.3f} acc_0 {metrics['acc_0']:.3f} {rate:.0f} tok/s, "
+                f"data wait {extra['data_wait_fraction']:.0%}"
+            )
+            window, tokens, started, waited = StepStats.zeros(cfg.ttt_steps), 0, time.time(), 0.0
         if step % cfg.eval_every == 0 or step == total_steps:
             metrics = evaluate(acc, objective, teacher, cfg, loader_cfg)
             history.append({"step": step, **metrics})
