@@ -26,6 +26,10 @@ dump-hidden shards out *flags:
 train-draft cache *flags:
     {{py}} -m stages.train_draft "$1" "${@:2}"
 
+# Rewrite the assistant turns of SHARDS with the target's own answers into OUT (resumable, multi-rank).
+regenerate shards out *flags:
+    {{py}} -m stages.regenerate "$1" "$2" "${@:3}"
+
 # What a cache holds: samples, tokens, bytes on disk, compression, rejects.
 inspect-cache path:
     {{py}} -m stages.inspect_cache "$1"

@@ -31,7 +31,7 @@ def build_prompt(
     max_length: int,
 ) -> Prompt:
     """Render, tokenize, mask and expand one conversation holding one audio clip."""
-    text = _render(tokenizer, chat_template, messages)
+    text = render_chat(tokenizer, chat_template, messages)
     spans = _assistant_spans(tokenizer, chat_template, messages, text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
@@ -46,7 +46,7 @@ def build_prompt(
     return _truncate(Prompt(ids, mask), max_length)
 
 
-def _render(tokenizer, chat_template: str, messages: list[Message], generation_prompt: bool = False) -> str:
+def render_chat(tokenizer, chat_template: str, messages: list[Message], generation_prompt: bool = False) -> str:
     # Templates of audio LLMs recognise an audio item by an "audio" key; the clip itself travels separately.
     items = [
         {**m, "content": [dict(it, audio="<clip>") if it["type"] == "audio" else it for it in m["content"]]}
@@ -62,8 +62,8 @@ def _assistant_spans(tokenizer, chat_template: str, messages: list[Message], tex
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, chat_template, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, chat_template, messages[: i + 1])
+        before = render_chat(tokenizer, chat_template, messages[:i], generation_prompt=True)
+        through = render_chat(tokenizer, chat_template, messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             raise BadSample(f"chat template does not render turn {i} as a prefix of the conversation")
         end = len(through.rstrip())  # the end-of-turn token belongs to the turn; the newline after it does not

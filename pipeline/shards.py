@@ -172,7 +172,7 @@ def _check_tar_end(path: str) -> None:
         )
 
 
-def _iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+def iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     """Yield (member name, bytes) in stored order, turning any read failure into ShardReadError."""
     try:
         # reraise_exception: webdataset's default handlers would otherwise be free to skip members.
@@ -200,7 +200,7 @@ def _iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
         yield member["fname"], member["data"]
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
+def split_member_name(name: str) -> tuple[str, str] | None:
     # Same rule as webdataset's base_plus_ext: the key is everything before the first dot of the
     # basename, so "a/b.c.wav" is key "a/b" with suffix "c.wav".
     match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
@@ -209,7 +209,7 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def _make_sample(key: str, shard: str, members: dict[str, bytes]) -> RawSample:
+def make_sample(key: str, shard: str, members: dict[str, bytes]) -> RawSample:
     audio_ext = next((ext for ext in members if ext in AUDIO_EXTENSIONS), None)
     return RawSample(
         key=key,
@@ -233,24 +233,24 @@ def iter_raw_samples(url: str) -> Iterator[RawSample]:
     key: str | None = None
     members: dict[str, bytes] = {}
     try:
-        for name, data in _iter_tar_members(url):
-            split = _split_name(name)
+        for name, data in iter_tar_members(url):
+            split = split_member_name(name)
             if split is None:
                 continue  # no extension: not part of any sample, as in webdataset
             member_key, suffix = split
             if key is not None and (member_key != key or suffix in members):
-                yield _make_sample(key, url, members)
+                yield make_sample(key, url, members)
                 members = {}
             key = member_key
             members[suffix] = data
     except ShardReadError:
         # Members are read whole, so a pending sample that has its audio and json is intact: keep it.
-        sample = _make_sample(key, url, members) if key is not None else None
+        sample = make_sample(key, url, members) if key is not None else None
         if sample is not None and sample.audio is not None and sample.json is not None:
             yield sample
         raise
     if key is not None:
-        yield _make_sample(key, url, members)
+        yield make_sample(key, url, members)
 
 
 # ---------------------------------------------------------------------------------------------
