@@ -11,12 +11,13 @@ sample_shards := "data/sample/shards/sample-{000000..000003}.tar"
 default:
     @just --list
 
-# The main job end to end on the bundled sample with the tiny default target: dump, inspect, train, export.
+# The main job end to end on the bundled sample with the tiny default target: dump, train, export, speculate.
 pipeline out="runs/sample":
     {{py}} -m stages.dump_hidden "{{sample_shards}}" {{out}}/cache --model tiny
     {{py}} -m stages.inspect_cache {{out}}/cache
     {{py}} -m stages.train_draft {{out}}/cache --runs-dir {{out}} --name eagle3 --draft-vocab-size 256 \
         --max-tokens 2048 --max-steps 60 --lr 3e-3 --warmup-steps 5 --eval-every 20 --ttt-steps 7
+    {{py}} -m stages.eval_draft {{out}}/eagle3 "{{sample_shards}}" --k 7 --max-new-tokens 32
 
 # Stage one: cache the target's hidden states for SHARDS in OUT (extra flags: see --help).
 dump-hidden shards out *flags:
@@ -29,6 +30,10 @@ train-draft cache *flags:
 # Rewrite the assistant turns of SHARDS with the target's own answers into OUT (resumable, multi-rank).
 regenerate shards out *flags:
     {{py}} -m stages.regenerate "$1" "$2" "${@:3}"
+
+# Speculative decoding with the target and a trained draft: lossless check, acceptance length, tokens/s.
+eval-draft run_or_draft shards *flags:
+    {{py}} -m stages.eval_draft "$1" "$2" "${@:3}"
 
 # What a cache holds: samples, tokens, bytes on disk, compression, rejects.
 inspect-cache path:
