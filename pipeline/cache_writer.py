@@ -60,11 +60,13 @@ class WriteStats:
     finished_raw: int = 0
     finished_stored: int = 0
 
-    def describe(self, record: SampleRecord, seconds: float) -> str:
-        """Count one more dumped sample and return the progress bar's text."""
+    def add(self, record: SampleRecord) -> None:
         self.samples += 1
         self.tokens += len(record.input_ids)
         self.raw_bytes += record.num_bytes
+
+    def describe(self, seconds: float) -> str:
+        """The progress bar's text after ``seconds`` of dumping."""
         ratio = f"{self.finished_raw / self.finished_stored:.2f}x" if self.finished_stored else "n/a"
         return f"{self.tokens / seconds:.0f} tok/s, {self.raw_bytes / 1e6:.0f} MB in, compression {ratio}"
 

@@ -82,8 +82,9 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> dict:
             if part.complete:
                 continue
             for record in _dump_shard(url, part, target, layers, cfg, writer):
+                stats.add(record)
                 progress.update(1)
-                progress.set_postfix_str(stats.describe(record, time.perf_counter() - start), refresh=False)
+                progress.set_postfix_str(stats.describe(time.perf_counter() - start), refresh=False)
     finally:
         progress.close()
         writer.close()  # drains the queue; re-raises a write error (e.g. a full disk) here
