@@ -55,6 +55,14 @@ bench-dump *flags:
 bench-train *flags:
     {{py}} -m stages.bench_train "$@"
 
+# Train the small melody-transcription target (a Qwen2-Audio that has learned something audio-dependent).
+train-small-target out *flags:
+    {{py}} -m stages.train_small_target "$1" "${@:2}"
+
+# The quality benchmark on the small trained target (prepared; not yet run to completion - see BENCHMARKS.md).
+quality *flags:
+    {{py}} -m stages.quality "$@"
+
 # The test suite.
 test *flags:
     {{py}} -m pytest -q "$@"

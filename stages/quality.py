@@ -1,0 +1,138 @@
+"""`just quality`: the whole pipeline on a small trained target, and every draft comparison measured.
+
+    1. train the small target (melody transcription, pipeline/small_target.py), unless ROOT/target exists
+    2. fresh tone clips for the draft (train) and held-out clips (eval), as webdataset shards
+    3. regenerate the train shards' answers with the target itself
+    4. dump one cache with every layer captured
+    5. train draft variants from that one cache: TTT 7 vs 1, merged vs placeholder audio embeddings,
+       draft vocab sizes, auxiliary layer choices
+    6. speculative decoding of every variant on the held-out clips (lossless-checked), K=7
+    7. QUALITY.md + quality.png: measured tau per variant, and the offline (teacher-forced) estimate against it
+
+Each step is the project's own stage run as a user runs it, so the benchmark exercises the real commands.
+Finished steps are skipped on a re-run (delete ROOT to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.tone_data import write_tone_shards  # noqa: E402
+
+BASE = ["--ttt-steps", "7", "--draft-vocab-size", "256", "--layers", "2,4,5"]
+
+
+@dataclass
+class QualityPlan:
+    root: Path = Path("runs/quality")
+    target_steps: int | None = None  # None: the small target's default
+    draft_clips: int = 600
+    eval_clips: int = 40
+    draft_steps: int = 200
+    max_tokens: int = 4096
+    k: int = 7
+    max_new_tokens: int = 48
+    variants: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "base (ttt7, merged, vocab 256, layers 2,4,5)": BASE,
+            "ttt1": [*BASE, "--ttt-steps", "1"],
+            "placeholder audio embeds": [*BASE, "--audio-embeds", "placeholder"],
+            "vocab 64": [*BASE, "--draft-vocab-size", "64"],
+            "vocab 1024": [*BASE, "--draft-vocab-size", "1024"],
+            "layers 1,2,3": [*BASE, "--layers", "1,2,3"],
+            "layers 5,6,7": [*BASE, "--layers", "5,6,7"],
+        }
+    )
+
+
+def stage(*args: str) -> None:
+    print("$ python -m", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", *args], check=True)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.split(" (")[0]).strip("-")
+
+
+def run(plan: QualityPlan) -> list[dict]:
+    root, started = plan.root, time.time()
+    target, data, cache, runs = root / "target", root / "data", root / "cache", root / "runs"
+    if not (target / "config.json").exists():
+        stage(
+            "stages.train_small_target",
+            str(target),
+            *(["--steps", str(plan.target_steps)] if plan.target_steps else []),
+        )
+    if not (data / "eval").exists():
+        write_tone_shards(data / "train", plan.draft_clips, seed=1, per_shard=100)
+        write_tone_shards(data / "eval", plan.eval_clips, seed=2, per_shard=100)
+    stage("stages.regenerate", f"{data}/train/*.tar", str(data / "train-regen"), "--model", str(target),
+          "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "16")  # fmt: skip
+    stage("stages.dump_hidden", f"{data}/train-regen/*.tar", str(cache), "--model", str(target),
+          "--layers", "1,2,3,4,5,6,7")  # fmt: skip
+    results = []
+    for name, flags in plan.variants.items():
+        run_dir = runs / slug(name)
+        if not (run_dir / "eval.json").exists():
+            stage("stages.train_draft", str(cache), "--runs-dir", str(runs), "--name", slug(name), *flags,
+                  "--max-steps", str(plan.draft_steps), "--max-tokens", str(plan.max_tokens), "--lr", "3e-3",
+                  "--eval-every", "50", "--checkpoint-every", "1000", "--eval-percent", "5")  # fmt: skip
+        if not (run_dir / "eval" / "eval.json").exists():
+            stage("stages.eval_draft", str(run_dir), f"{data}/eval/*.tar", "--model", str(target), "--split", "all",
+                  "--k", str(plan.k), "--max-new-tokens", str(plan.max_new_tokens))  # fmt: skip
+        measured = json.loads((run_dir / "eval" / "eval.json").read_text())
+        offline = json.loads((run_dir / "eval.json").read_text())[-1]
+        results.append({"variant": name, "tau": measured["tau"], "offline_tau": offline["expected_accept_len"],
+                        "acc_0": offline["acc_0"], "lossless": True})  # fmt: skip
+    report(plan, results, time.time() - started)
+    return results
+
+
+def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
+    out = plan.root
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r["variant"].split(" (")[0] for r in results]
+    left.barh(names, [r["tau"] for r in results], color="tab:blue")
+    left.set(xlabel=f"measured acceptance length tau (K={plan.k})", title="held-out melody clips")
+    right.scatter([r["offline_tau"] for r in results], [r["tau"] for r in results])
+    for r, n in zip(results, names, strict=True):
+        right.annotate(n, (r["offline_tau"], r["tau"]), fontsize=7)
+    lim = max(max(r["tau"] for r in results), max(r["offline_tau"] for r in results)) + 0.5
+    right.plot([1, lim], [1, lim], "k--", lw=0.8)
+    right.set(xlabel="offline estimate from the cache (teacher-forced)", ylabel="measured tau")
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=100)
+    rows = "\n".join(
+        f"| {r['variant']} | {r['tau']:.2f} | {r['offline_tau']:.2f} | {r['acc_0']:.3f} |" for r in results
+    )
+    (out / "QUALITY.md").write_text(
+        f"# Quality benchmark\n\nCommand: `just quality` ({seconds / 60:.1f} min). K={plan.k}, "
+        f"{plan.eval_clips} held-out clips, {plan.max_new_tokens} new tokens, every output checked equal to greedy.\n\n"
+        f"| variant | measured tau | offline estimate | held-out acc_0 |\n|---|---|---|---|\n{rows}\n\n"
+        "![quality](quality.png)\n"
+    )
+    print((out / "QUALITY.md").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=QualityPlan.root)
+    p.add_argument("--draft-steps", type=int, default=QualityPlan.draft_steps)
+    p.add_argument("--target-steps", type=int)
+    a = p.parse_args(argv)
+    run(QualityPlan(root=a.root, draft_steps=a.draft_steps, target_steps=a.target_steps))
+
+
+if __name__ == "__main__":
+    main()

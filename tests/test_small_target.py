@@ -1,0 +1,148 @@
+"""Tone data and the small trained target: deterministic data whose answers are the notes actually played, the
+cropped-audio training forward equal to the model's own, and a short training run that saves a reloadable,
+seed-reproducible model directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+from pipeline.audio import AudioPolicy, decode_audio
+from pipeline.conversation import parse_conversations
+from pipeline.shards import iter_raw_samples
+from pipeline.small_target import (
+    RECORD,
+    SmallTargetConfig,
+    _collate,
+    _example,
+    merged_embeds,
+    tokenizer_corpus,
+    train_small_target,
+)
+from pipeline.tiny_target import build_tiny_target
+from pipeline.tone_data import (
+    DEFAULT_TONES,
+    NOTE_NAMES,
+    count_answer,
+    make_tone_clip,
+    make_tone_clips,
+    note_frequency,
+    transcription,
+    write_tone_shards,
+)
+
+TINY = SmallTargetConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    d_model=32,
+    encoder_layers=1,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    vocab_size=400,
+    train_clips=8,
+    eval_clips=3,
+    steps=3,
+    batch_size=4,
+    warmup_steps=1,
+    monitor_every=2,
+    monitor_clips=2,
+    max_new_tokens=4,
+)
+
+
+def heard_notes(wave: np.ndarray) -> list[str]:
+    """The note names in a clip, read from the audio: the spectral peak of each fixed-tempo note slot."""
+    cfg = DEFAULT_TONES
+    rate, note = cfg.sampling_rate, round(cfg.note_seconds * cfg.sampling_rate)
+    step = note + round(cfg.gap_seconds * rate)
+    names = []
+    for start in range(round(cfg.edge_seconds * rate), len(wave) - note, step):
+        spectrum = np.abs(np.fft.rfft(wave[start : start + note] * np.hanning(note), n=8 * rate))
+        peak = np.argmax(spectrum) / 8  # Hz, 1/8 Hz resolution
+        names.append(min(NOTE_NAMES, key=lambda n: abs(np.log2(note_frequency(n) / peak))))
+    return names
+
+
+def test_tone_data_is_deterministic_and_answers_name_the_notes_played():
+    clips = make_tone_clips(6, seed=3)
+    again = make_tone_clips(6, seed=3)
+    for (wave, conv), (wave2, conv2) in zip(clips, again, strict=True):
+        assert wave.dtype == np.float32 and np.array_equal(wave, wave2) and conv == conv2
+    # Clip i depends on (seed, i) alone: a later slice of the stream holds the same clips.
+    assert np.array_equal(make_tone_clips(2, seed=3, first=4)[1][0], clips[5][0])
+    assert not np.array_equal(make_tone_clips(1, seed=4)[0][0][:1000], clips[0][0][:1000])
+    for wave, conv in clips:
+        assert len(wave) / DEFAULT_TONES.sampling_rate <= 4.0 and np.abs(wave).max() <= 1.0
+        notes = heard_notes(wave)
+        assert DEFAULT_TONES.min_notes <= len(notes) <= DEFAULT_TONES.max_notes
+        assert conv[0]["content"][0] == {"type": "audio"}
+        assert conv[1] == {"role": "assistant", "content": " ".join(notes)}
+        if len(conv) > 2:
+            assert conv[3]["content"] == count_answer(notes) == f"There are {len(notes)} notes."
+
+
+def test_tone_shards_round_trip_bit_exact(tmp_path):
+    shards = write_tone_shards(tmp_path / "a", n=5, seed=1, per_shard=2)
+    again = write_tone_shards(tmp_path / "b", n=5, seed=1, per_shard=2)
+    assert [Path(s).name for s in shards] == ["tones-000000.tar", "tones-000001.tar", "tones-000002.tar"]
+    assert [Path(s).read_bytes() for s in shards] == [Path(s).read_bytes() for s in again]
+    samples = [sample for shard in shards for sample in iter_raw_samples(shard)]
+    for i, sample in enumerate(samples):
+        clip = make_tone_clip(1, i)
+        assert sample.audio_ext == "wav"
+        assert np.array_equal(decode_audio(sample.audio, AudioPolicy(), "wav"), clip.wave)
+        assert json.loads(sample.json)["notes"] == clip.notes
+        assert parse_conversations(sample.json)[1]["content"][0]["text"] == transcription(clip.notes)
+
+
+def test_cropped_training_forward_equals_the_full_length_forward():
+    clips = [make_tone_clip(0, i) for i in range(3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        init = build_tiny_target(Path(tmp) / "init", tokenizer_corpus(clips), TINY.tiny_config())
+        processor = AutoProcessor.from_pretrained(init)
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(init).eval()
+    examples = [_example(processor, clip) for clip in clips]
+    batch = _collate(processor, examples, pad_id=0)
+    assert batch["features"]["input_features"].shape[-1] < 3000
+    with torch.no_grad():
+        cropped = model.model(
+            inputs_embeds=merged_embeds(model, batch["input_ids"], batch["features"]),
+            attention_mask=batch["attention_mask"],
+        ).last_hidden_state
+        for row, (example, clip) in enumerate(zip(examples, clips, strict=True)):
+            full = processor.feature_extractor(
+                clip.wave, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt"
+            )
+            reference = model.model(
+                input_ids=example.input_ids[None],
+                input_features=full["input_features"],
+                feature_attention_mask=full["attention_mask"],
+            ).last_hidden_state[0]
+            torch.testing.assert_close(cropped[row, : len(example.input_ids)], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_short_training_saves_a_reloadable_reproducible_model(tmp_path):
+    first = train_small_target(tmp_path / "first", TINY, progress=False)
+    second = train_small_target(tmp_path / "second", TINY, progress=False)
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    other = train_small_target(tmp_path / "other", dataclasses.replace(TINY, seed=1), progress=False)
+    assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(first)
+    processor = AutoProcessor.from_pretrained(first)
+    assert model.config.text_config.num_hidden_layers == 8 and model.config.text_config.hidden_size == 32
+    assert processor.tokenizer.tokenize(" C D") == ["ĠC", "ĠD"]  # one token per note
+    record = json.loads((first / RECORD).read_text())
+    assert record["config"]["seed"] == 0 and record["config"]["steps"] == 3
+    assert 0.0 <= record["eval"]["exact_match"] <= 1.0 and len(record["eval"]["answers"]) == TINY.eval_clips
+    assert [step for step, _ in record["held_out_teacher_forced_accuracy"]] == [2, 3]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+    with pytest.raises(FileExistsError):
+        train_small_target(first, TINY, progress=False)
