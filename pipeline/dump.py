@@ -32,7 +32,7 @@ from pipeline.cache_format import (
     write_json_atomic,
 )
 from pipeline.cache_writer import BackgroundWriter, PartWriter, SampleRecord, WriteStats
-from pipeline.conversation import BadSample, parse_conversations
+from pipeline.conversation import BadSample, StrictModeError, parse_conversations
 from pipeline.shards import RawSample, expand_shard_urls, iter_raw_samples
 from pipeline.target import AudioTarget, TargetInputs, TargetStates, load_target
 
@@ -49,10 +49,6 @@ class DumpConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     strict: bool = False  # the first bad sample fails the job
     max_pending: int = 8  # samples queued for the writer before the forward waits (bounds memory)
-
-
-class StrictModeError(RuntimeError):
-    pass
 
 
 def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> dict:

@@ -43,7 +43,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from pipeline.audio import AudioError, AudioPolicy, decode_audio
 from pipeline.cache_format import read_json, write_json_atomic
-from pipeline.conversation import BadSample, Message, parse_conversations
+from pipeline.conversation import BadSample, Message, StrictModeError, parse_conversations
 from pipeline.prompt import render_chat
 from pipeline.shards import (
     RawSample,
@@ -83,10 +83,6 @@ class RegenerateConfig:
             )
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
-
-
-class StrictModeError(RuntimeError):
-    pass
 
 
 def generation_settings(cfg: RegenerateConfig, dtype: str) -> dict:

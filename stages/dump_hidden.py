@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from pipeline.audio import AudioPolicy
 from pipeline.cache_format import CodecConfig
-from pipeline.dump import DumpConfig, StrictModeError, run_dump
+from pipeline.dump import DumpConfig, run_dump
 from pipeline.report import describe_dump
+from stages.job_errors import exit_with_fix
 
 
 def parse_args(argv: list[str] | None = None) -> DumpConfig:
@@ -56,17 +56,8 @@ def parse_args(argv: list[str] | None = None) -> DumpConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    try:
+    with exit_with_fix(cfg.out, "the cache at"):
         manifest = run_dump(cfg)
-    except StrictModeError as err:
-        sys.exit(f"{err}\nFix or remove the sample, or drop --strict to skip bad samples; re-run to resume.")
-    except FileNotFoundError as err:
-        sys.exit(str(err))
-    except OSError as err:
-        sys.exit(
-            f"cannot write the cache at {cfg.out}: {err}\n"
-            "Free disk space (or fix permissions) and re-run the same command: it resumes."
-        )
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -10,11 +10,11 @@ Re-run the same command to resume: finished shards are skipped.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from pipeline.audio import AudioPolicy
-from pipeline.regenerate import RegenerateConfig, StrictModeError, describe_regenerate, run_regenerate
+from pipeline.regenerate import RegenerateConfig, describe_regenerate, run_regenerate
+from stages.job_errors import exit_with_fix
 
 
 def parse_args(argv: list[str] | None = None) -> RegenerateConfig:
@@ -59,17 +59,8 @@ def parse_args(argv: list[str] | None = None) -> RegenerateConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    try:
+    with exit_with_fix(cfg.out, "the shards in"):
         summary = run_regenerate(cfg)
-    except StrictModeError as err:
-        sys.exit(f"{err}\nFix or remove the sample, or drop --strict to skip bad samples; re-run to resume.")
-    except FileNotFoundError as err:
-        sys.exit(str(err))
-    except OSError as err:
-        sys.exit(
-            f"cannot write the shards in {cfg.out}: {err}\n"
-            "Free disk space (or fix permissions) and re-run the same command: it resumes."
-        )
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,16 @@ def tiny_dir(tiny_home) -> Path:
     from pipeline.tiny_target import ensure_tiny_target
 
     return ensure_tiny_target()
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A webdataset shard built by hand: members ``<key>.<ext>`` in the order given (bad samples included)."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 def run_stage(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ import io
 import json
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from pipeline.cache import open_cache
 from pipeline.shards import iter_raw_samples
-from tests.conftest import REPO, run_stage
+from tests.conftest import REPO, run_stage, write_tar
 
 VALID_SHARD = REPO / "data/sample/shards/sample-000000.tar"
 POISON_WORD = "Zyxwvut"  # spelled only by the poisoned sample, so only its states go NaN
@@ -48,15 +47,6 @@ BAD = {  # key -> (members, expected words in the recorded reason)
     "bad-overlong-audio": ({"wav": wav_bytes(12.0), "json": conversation()}, "over the 10.0 s limit"),
     "bad-nan-states": ({"wav": wav_bytes(1.0), "json": conversation(f"{POISON_WORD} {POISON_WORD}")}, "NaN or Inf"),
 }
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")

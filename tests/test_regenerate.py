@@ -3,7 +3,6 @@ reported by key, sampling does not depend on batching."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ from pipeline.audio import AudioPolicy, decode_audio
 from pipeline.regenerate import RegenerateConfig, StrictModeError, rejects_name, run_regenerate
 from pipeline.shards import iter_raw_samples
 from pipeline.target import load_target
-from tests.conftest import REPO, SAMPLE_SHARDS, run_stage
+from tests.conftest import REPO, SAMPLE_SHARDS, run_stage, write_tar
 
 MAX_NEW_TOKENS = 8
 SHARD_NAMES = [f"sample-{i:06d}.tar" for i in range(4)]
@@ -120,15 +119,6 @@ def test_kill_during_run_then_rerun_equals_uninterrupted(tmp_path, reference, ta
     # Resuming with other settings would mix two kinds of answers: refused.
     with pytest.raises(SystemExit, match="re-run with the original settings"):
         run_regenerate(RegenerateConfig(SAMPLE_SHARDS, out, max_new_tokens=MAX_NEW_TOKENS + 1), target)
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
