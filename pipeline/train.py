@@ -26,6 +26,7 @@ from pipeline.draft_model import DraftConfig, Eagle3Draft
 from pipeline.draft_vocab import load_or_build_draft_vocab
 from pipeline.export import export_sglang, export_speculators
 from pipeline.plots import plot_acceptance
+from pipeline.sharding import distribute, load_states, local_parameter_share, model_state, optimizer_state
 from pipeline.teacher import Teacher
 from pipeline.ttt_loss import StepStats, TrainingTimeTest, teacher_targets
 
@@ -64,6 +65,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
+    fsdp: bool = False  # shard the draft, its gradients and optimizer state over the ranks (FSDP2) instead of DDP
     extra: dict = field(default_factory=dict)
 
     @property
@@ -180,20 +182,23 @@ def train(cfg: TrainConfig) -> Path:
     draft.set_draft_vocab(d2t, t2d)
     teacher = Teacher(cache.head_weights()["lm_head"].float(), d2t, t2d).to(acc.device)
     objective = TrainingTimeTest(draft, cfg.ttt_steps, cfg.loss_decay)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    model = distribute(acc, objective, cfg.fsdp)  # what the ranks run; ``objective`` stays the plain module
+    if cfg.fsdp:
+        print(f"FSDP: rank {acc.process_index} holds {local_parameter_share(objective):.0%} of the draft's parameters")
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     total_steps = cfg.max_steps or estimate_steps(cache, cfg, acc.num_processes)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
     run = cfg.run_dir
     step, history, position = 0, [], {"epoch": 0, "consumed": 0}
     if cfg.resume and (ckpt := latest_checkpoint(run)):
-        model_state, optim_state, trainer = load_checkpoint(ckpt)
-        draft.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
+        weights, optim_state, trainer = load_checkpoint(ckpt)
+        load_states(objective, optimizer, weights, optim_state)
         step, history = trainer["step"], trainer["history"]
         schedule.load_state_dict(trainer["schedule"])
+        if len(trainer["data"]) != acc.num_processes:
+            raise SystemExit(f"{ckpt} was written by {len(trainer['data'])} ranks; resume it on as many")
         position = trainer["data"][acc.process_index]
         acc.print(f"resumed from {ckpt} at step {step}")
-    objective, optimizer = acc.prepare(objective, optimizer)
     loader_cfg = LoaderConfig(
         layers=layers, max_tokens=cfg.max_tokens, audio_embeds=cfg.audio_embeds, eval_percent=cfg.eval_percent,
         num_workers=cfg.num_workers, seed=cfg.seed,
@@ -207,14 +212,14 @@ def train(cfg: TrainConfig) -> Path:
     window, tokens, started, waited = StepStats.zeros(cfg.ttt_steps), 0, time.time(), 0.0
 
     if step == 0:  # the untrained draft: the baseline every later evaluation is read against
-        history.append({"step": 0, **evaluate(acc, objective, teacher, cfg, loader_cfg)})
+        history.append({"step": 0, **evaluate(acc, model, teacher, cfg, loader_cfg)})
     while step < total_steps:
         ask = time.time()
         group = batches.next_group(cfg.grad_accum)
         waited += time.time() - ask  # the accelerator idles while the loader has no batch ready
         for batch in group:
             with acc.autocast():
-                loss, sums = objective(batch, teacher_targets(teacher, batch))
+                loss, sums = model(batch, teacher_targets(teacher, batch))
             acc.backward(loss / cfg.grad_accum)
             window, tokens = window + StepStats(sums.cpu()), tokens + int(batch["lengths"].sum())
         acc.clip_grad_norm_(objective.parameters(), cfg.clip_grad)
@@ -235,7 +240,7 @@ def train(cfg: TrainConfig) -> Path:
             )
             window, tokens, started, waited = StepStats.zeros(cfg.ttt_steps), 0, time.time(), 0.0
         if step % cfg.eval_every == 0 or step == total_steps:
-            metrics = evaluate(acc, objective, teacher, cfg, loader_cfg)
+            metrics = evaluate(acc, model, teacher, cfg, loader_cfg)
             history.append({"step": step, **metrics})
             _log(tb, "eval", step, metrics)
             acc.print(
@@ -247,31 +252,56 @@ def train(cfg: TrainConfig) -> Path:
                 plot_acceptance(history, run / "acceptance.png", f"{cfg.name}: held-out acc_k")
         if step % cfg.checkpoint_every == 0 or step == total_steps:
             positions = gather_object([batches.position()])
+            weights, optim_state = model_state(objective), optimizer_state(objective, optimizer)  # all ranks
             if acc.is_main_process:
                 trainer = {"step": step, "history": history, "data": positions, "schedule": schedule.state_dict()}
-                save_checkpoint(run, step, draft.state_dict(), optimizer.state_dict(), trainer, cfg.keep_checkpoints)
+                save_checkpoint(run, step, weights, optim_state, trainer, cfg.keep_checkpoints)
             acc.wait_for_everyone()
     bar.close()
+    weights = model_state(objective)
     if acc.is_main_process:
-        _export(draft, draft_cfg, cfg, cache, run)
+        final = Eagle3Draft(draft_cfg)
+        final.load_state_dict(weights)
+        _export(final, draft_cfg, cfg, cache, run)
         (run / "eval.json").write_text(json.dumps(history, indent=1))
     acc.wait_for_everyone()
     return run
 
 
 @torch.no_grad()
-def evaluate(acc: Accelerator, objective, teacher: Teacher, cfg: TrainConfig, loader_cfg: LoaderConfig) -> dict:
-    # Unwrapped: ranks hold different numbers of eval batches, and DDP's forward would sync buffers each call.
-    objective = acc.unwrap_model(objective)
-    objective.eval()
-    total = StepStats.zeros(cfg.ttt_steps)
-    for batch in make_loader(cfg.cache, loader_cfg, "eval", 0, acc.process_index, acc.num_processes):
-        batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+def evaluate(acc: Accelerator, model, teacher: Teacher, cfg: TrainConfig, loader_cfg: LoaderConfig) -> dict:
+    # Unwrapped: ranks hold different numbers of eval batches and DDP's forward would sync buffers each call. An
+    # FSDP forward is itself a collective, so there every rank runs as many forwards as the busiest one, repeating
+    # its last batch (or a stand-in) without counting it.
+    net = acc.unwrap_model(model)
+    net.eval()
+    total, last = StepStats.zeros(cfg.ttt_steps), None
+    batches = iter(make_loader(cfg.cache, loader_cfg, "eval", 0, acc.process_index, acc.num_processes))
+    while True:
+        batch = next(batches, None)
+        more = batch is not None
+        if cfg.fsdp:  # go on while any rank has a batch left
+            more = _reduce_scalar(acc, more) > 0
+        if not more:
+            break
+        if batch is not None:
+            last = batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        feed = batch or last or _stand_in(net)
         with acc.autocast():
-            _, sums = objective(batch, teacher_targets(teacher, batch))
-        total = total + StepStats(sums.cpu())
-    objective.train()
+            _, sums = net(feed, teacher_targets(teacher, feed))
+        if batch is not None:
+            total = total + StepStats(sums.cpu())
+    net.train()
     return _reduce(acc, total).summary()
+
+
+def _stand_in(net) -> dict:
+    """A two-token batch with nothing supervised, for a rank with no eval batch of its own to repeat."""
+    cfg, device = net.draft.config, net.draft.d2t.device
+    h, zeros = cfg.target_hidden_size, lambda *shape, **kw: torch.zeros(*shape, device=device, **kw)
+    return {"input_ids": zeros(1, 2, dtype=torch.int64), "loss_mask": zeros(1, 2, dtype=torch.bool),
+            "aux": zeros(1, 2, len(cfg.aux_layers) * h), "inputs_embeds": zeros(1, 2, h),
+            "final_hidden": zeros(1, 2, h), "lengths": torch.tensor([2])}  # fmt: skip
 
 
 def _reduce(acc: Accelerator, stats: StepStats) -> StepStats:

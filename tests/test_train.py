@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,3 +134,28 @@ def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(reference_cache,
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name in one:  # gradients summed in another order: equal to float32 rounding
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fsdp_shards_the_draft_equals_one_rank_and_resumes_exactly(reference_cache, tmp_path):
+    steps = ["--max-steps", "4", "--checkpoint-every", "2", "--eval-every", "2"]
+    run_stage(*train_args(reference_cache, tmp_path, "one", "--grad-accum", "2", *steps))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    fsdp = [*torchrun, *train_args(reference_cache, tmp_path, "fsdp", *steps, "--fsdp")]
+    proc = subprocess.run(fsdp, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP: rank 0 holds 50%" in proc.stdout and "FSDP: rank 1 holds 50%" in proc.stdout  # really sharded
+    one, sharded = final_weights(tmp_path / "one"), final_weights(tmp_path / "fsdp")
+    for name in one:  # gradients reduce-scattered in another order: equal to float32 rounding
+        torch.testing.assert_close(one[name], sharded[name], rtol=1e-4, atol=1e-6, msg=name)
+    evals = [json.loads((tmp_path / run / "eval.json").read_text()) for run in ("one", "fsdp")]
+    assert [e["step"] for e in evals[1]] == [0, 2, 4]  # evaluation kept the ranks in step
+    for a, b in zip(*evals, strict=True):
+        assert a["acc_0"] == pytest.approx(b["acc_0"], abs=1e-6) and a["kl_0"] == pytest.approx(b["kl_0"], rel=1e-3)
+    # Resume from the step-2 checkpoint (sharded optimizer state scattered back) and reach the same weights.
+    shutil.rmtree(tmp_path / "fsdp/checkpoints/step-0000004")
+    proc = subprocess.run([*fsdp, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    resumed = final_weights(tmp_path / "fsdp")
+    for name in sharded:
+        assert torch.equal(sharded[name], resumed[name]), name
