@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_acceptance(history: list[dict], path: Path, title: str) -> None:
-    """``history``: dicts with ``step`` and ``acc_k`` (and ``expected_accept_len``) from evaluations."""
+    """``history``: dicts with ``step``, ``acc_k``, ``tau_replay`` and ``expected_accept_len`` from evaluations."""
     if not history:
         return
     steps = [h["step"] for h in history]
@@ -21,12 +21,10 @@ def plot_acceptance(history: list[dict], path: Path, title: str) -> None:
         left.plot(steps, [h[f"acc_{k}"] for h in history], marker="o", label=f"step {k}")
     left.set(xlabel="training step", ylabel="acc_k (argmax agrees with the target)", ylim=(0, 1), title=title)
     left.legend(fontsize=7)
-    right.plot(steps, [h["expected_accept_len"] for h in history], marker="o", color="black")
-    right.set(
-        xlabel="training step",
-        ylabel="expected acceptance length (teacher-forced)",
-        title="1 + sum_k prod_j<=k cond_acc_j",
-    )
+    right.plot(steps, [h["tau_replay"] for h in history], marker="o", color="black", label="greedy decoding replayed")
+    right.plot(steps, [h["expected_accept_len"] for h in history], marker=".", ls=":", label="1 + sum_k prod cond_acc")
+    right.set(xlabel="training step", ylabel="acceptance length from the cache (tau)", title="offline tau")
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -68,12 +68,18 @@ class ToneConfig:
     fade_seconds: float = 0.005  # linear ramps: a hard onset is a broadband click that smears the spectrum
     noise_std: float = 0.005
     count_fraction: float = 0.2  # share of two-turn conversations (transcribe, then "How many notes?")
+    # The chance that each note after the first climbs a third from the one before (C E G B D F A C ...), else it
+    # is drawn at random. 0: random notes, which only the audio can tell. Above 0 the answers follow a "language"
+    # a draft can learn from the text, as transcripts of speech do, and the audio still decides every deviation.
+    thirds: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_notes <= self.max_notes:
             raise ValueError(f"need 1 <= min_notes <= max_notes, got {self.min_notes}, {self.max_notes}")
         if not 0.0 <= self.count_fraction <= 1.0:
             raise ValueError(f"count_fraction must be in [0, 1], got {self.count_fraction}")
+        if not 0.0 <= self.thirds <= 1.0:
+            raise ValueError(f"thirds must be in [0, 1], got {self.thirds}")
 
 
 DEFAULT_TONES = ToneConfig()
@@ -100,11 +106,20 @@ def _tone(rng: np.random.Generator, freq: float, cfg: ToneConfig) -> np.ndarray:
     return wave * envelope
 
 
+def _clip_notes(rng: np.random.Generator, cfg: ToneConfig) -> list[str]:
+    count = int(rng.integers(cfg.min_notes, cfg.max_notes + 1))
+    drawn = rng.integers(0, len(NOTE_NAMES), count)
+    if cfg.thirds:  # drawn after the notes, so thirds=0 keeps every stream exactly as before the option existed
+        climbs = rng.random(count) < cfg.thirds
+        for i in range(1, count):
+            drawn[i] = (drawn[i - 1] + 2) % len(NOTE_NAMES) if climbs[i] else drawn[i]
+    return [NOTE_NAMES[i] for i in drawn]
+
+
 def make_tone_clip(seed: int, index: int, cfg: ToneConfig = DEFAULT_TONES) -> ToneClip:
     """Clip ``index`` of the stream for ``seed``: depends on these two numbers and ``cfg`` only."""
     rng = np.random.default_rng([seed, index])
-    count = int(rng.integers(cfg.min_notes, cfg.max_notes + 1))
-    notes = [NOTE_NAMES[i] for i in rng.integers(0, len(NOTE_NAMES), count)]
+    notes = _clip_notes(rng, cfg)
     edge, gap = np.zeros(_samples(cfg.edge_seconds, cfg)), np.zeros(_samples(cfg.gap_seconds, cfg))
     parts = [edge]
     for i, name in enumerate(notes):

@@ -28,7 +28,7 @@ from pipeline.export import export_sglang, export_speculators
 from pipeline.plots import plot_acceptance
 from pipeline.sharding import distribute, load_states, local_parameter_share, model_state, optimizer_state
 from pipeline.teacher import Teacher
-from pipeline.ttt_loss import StepStats, TrainingTimeTest, teacher_targets
+from pipeline.ttt_loss import StepStats, TrainingTimeTest, replay_decoding, teacher_targets
 
 
 @dataclass
@@ -219,7 +219,7 @@ def train(cfg: TrainConfig) -> Path:
         waited += time.time() - ask  # the accelerator idles while the loader has no batch ready
         for batch in group:
             with acc.autocast():
-                loss, sums = model(batch, teacher_targets(teacher, batch))
+                loss, sums, _ = model(batch, teacher_targets(teacher, batch))
             acc.backward(loss / cfg.grad_accum)
             window, tokens = window + StepStats(sums.cpu()), tokens + int(batch["lengths"].sum())
         acc.clip_grad_norm_(objective.parameters(), cfg.clip_grad)
@@ -246,7 +246,7 @@ def train(cfg: TrainConfig) -> Path:
             acc.print(
                 f"step {step} eval: "
                 + " ".join(f"acc_{k} {metrics[f'acc_{k}']:.3f}" for k in range(cfg.ttt_steps))
-                + f" tau~{metrics['expected_accept_len']:.2f}"
+                + f" tau: replayed {metrics['tau_replay']:.2f}, prod(cond_acc) {metrics['expected_accept_len']:.2f}"
             )
             if acc.is_main_process:
                 plot_acceptance(history, run / "acceptance.png", f"{cfg.name}: held-out acc_k")
@@ -275,7 +275,7 @@ def evaluate(acc: Accelerator, model, teacher: Teacher, cfg: TrainConfig, loader
     # its last batch (or a stand-in) without counting it.
     net = acc.unwrap_model(model)
     net.eval()
-    total, last = StepStats.zeros(cfg.ttt_steps), None
+    total, last, replayed = StepStats.zeros(cfg.ttt_steps), None, torch.zeros(2, dtype=torch.float64)
     batches = iter(make_loader(cfg.cache, loader_cfg, "eval", 0, acc.process_index, acc.num_processes))
     while True:
         batch = next(batches, None)
@@ -288,11 +288,13 @@ def evaluate(acc: Accelerator, model, teacher: Teacher, cfg: TrainConfig, loader
             last = batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         feed = batch or last or _stand_in(net)
         with acc.autocast():
-            _, sums = net(feed, teacher_targets(teacher, feed))
+            _, sums, right = net(feed, teacher_targets(teacher, feed))
         if batch is not None:
             total = total + StepStats(sums.cpu())
+            replayed += torch.tensor(replay_decoding(right, batch["loss_mask"], cfg.ttt_steps), dtype=torch.float64)
     net.train()
-    return _reduce(acc, total).summary()
+    tokens, passes = acc.reduce(replayed.to(acc.device), reduction="sum").tolist()
+    return {**_reduce(acc, total).summary(), "tau_replay": tokens / passes if passes else 1.0}
 
 
 def _stand_in(net) -> dict:

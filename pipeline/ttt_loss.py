@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,15 +71,16 @@ class TrainingTimeTest(nn.Module):
         super().__init__()
         self.draft, self.steps, self.decay = draft, steps, decay
 
-    def forward(self, batch: dict, target: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (weighted loss, per-step sums [len(FIELDS), steps]) for one micro-batch."""
+    def forward(self, batch: dict, target: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (weighted loss, per-step sums [len(FIELDS), steps], right [B, T, steps]) for one micro-batch;
+        ``right[b, t, k]``: step k of row t drafts the target's own choice for token t+2+k."""
         draft, ids, loss_mask = self.draft, batch["input_ids"], batch["loss_mask"]
         dtype = draft.fc.weight.dtype
         embeds = batch["inputs_embeds"].to(dtype)
         hidden = draft.project(batch["aux"].to(dtype))
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         draft_to_target = draft.d2t + torch.arange(len(draft.d2t), device=ids.device)
-        cache, total, per_step = TTTCache(), 0.0, []
+        cache, total, per_step, rights = TTTCache(), 0.0, [], []
         chain = torch.ones_like(loss_mask)
         for k in range(self.steps):
             hidden, logits = draft(shift_left(embeds, 1 + k), hidden, positions, cache)
@@ -92,8 +94,35 @@ class TrainingTimeTest(nn.Module):
             counts = [row_loss.sum(), row_kl.sum(), counted.sum(), (right & counted).sum(), (chain & counted).sum(),
                       (chain & right & counted).sum()]  # fmt: skip
             per_step.append(torch.stack([c.detach().double() for c in counts]))
+            rights.append(right)
             chain = chain & (right | ~counted)  # a row's chain breaks at its first counted miss
-        return total, torch.stack(per_step, dim=1)
+        return total, torch.stack(per_step, dim=1), torch.stack(rights, dim=-1)
+
+
+def replay_decoding(right: torch.Tensor, loss_mask: torch.Tensor, k: int) -> tuple[int, int]:
+    """Greedy speculative decoding with a K-token chain, replayed on teacher-forced rows -> (tokens, verify passes).
+
+    Exact, not an approximation: while every earlier step of a chain was right, the chain's inputs are the
+    teacher-forced ones, so a pass from pending token p accepts the leading right steps of row p-1's chain. Each
+    answer (a run of loss-mask tokens) starts with a token the target emits itself, as after a prefill; then
+    passes emit accepted drafts + the target's token, up to the answer's last token. Where the data are the
+    target's own greedy answers (``just regenerate``) this is the tau ``just eval-draft`` measures, from the cache
+    alone; unlike ``1 + sum_k prod_j cond_acc_j`` it weighs rows as decoding visits them (after misses).
+    """
+    right, mask = right[..., :k].cpu().numpy(), loss_mask.cpu().numpy()
+    tokens = passes = 0
+    for b in range(mask.shape[0]):
+        answer = np.flatnonzero(mask[b])
+        for span in np.split(answer, np.flatnonzero(np.diff(answer) > 1) + 1) if len(answer) else []:
+            pending, last = int(span[0]), int(span[-1])
+            while pending < last:
+                left = last - pending  # tokens after the pending one, the answer's end included
+                accepted = 0
+                while accepted < min(k, left) and right[b, pending - 1, accepted]:
+                    accepted += 1
+                emitted = left if accepted >= left else accepted + 1
+                tokens, passes, pending = tokens + emitted, passes + 1, pending + emitted
+    return tokens, passes
 
 
 def teacher_targets(teacher: Teacher, batch: dict) -> TeacherOutput:

@@ -20,7 +20,9 @@ from pipeline.speculative import (
     speculative_generate,
 )
 from pipeline.target import load_target
+from pipeline.teacher import Teacher
 from pipeline.train import TrainConfig, train
+from pipeline.ttt_loss import TrainingTimeTest, replay_decoding, teacher_targets
 from stages import eval_draft
 from stages.eval_draft import EvalConfig, iter_prompts
 from tests.conftest import SAMPLE_SHARDS
@@ -216,3 +218,34 @@ def test_eval_stage_fails_on_a_mismatch_and_names_the_sample(trained_run, tmp_pa
     assert not report["lossless"] and report["mismatches"][0]["index"] == 3
     assert report["mismatches"][0]["key"] == report["per_sample"][0]["key"]
     assert report["mismatches"][0]["logit_gap"] > 0
+
+
+@torch.no_grad()
+def teacher_forced_rows(target, draft: Eagle3Draft, inputs: dict, answer: list[int]) -> tuple[torch.Tensor, ...]:
+    """(right [1, T, K], loss mask [1, T]) of the training-time test on prompt + answer, with the inputs the
+    cache would hold for it (one full forward of the target, as the dump runs it)."""
+    ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
+    out = target.model.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                             output_hidden_states=True, use_cache=False)  # fmt: skip
+    states = out.hidden_states
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, inputs["input_ids"].shape[1] :] = True
+    batch = {"input_ids": ids, "loss_mask": mask, "inputs_embeds": states[0], "final_hidden": out.last_hidden_state,
+             "aux": torch.cat([states[i] for i in draft.config.aux_layers], dim=-1)}  # fmt: skip
+    teacher = Teacher(target.model.get_output_embeddings().weight.float(), draft.d2t, draft.t2d)
+    _, _, right = TrainingTimeTest(draft, K)(batch, teacher_targets(teacher, batch))
+    return right, mask
+
+
+@pytest.mark.parametrize("which", ["untrained", "trained"])
+def test_replayed_decoding_from_teacher_forced_rows_equals_measured_decoding(request, target, prompts, which):
+    """The offline tau every evaluation reports (``replay_decoding``) is the measured one, pass for pass, where
+    the data are the target's own greedy answers."""
+    draft = random_draft(target) if which == "untrained" else request.getfixturevalue("trained_draft")
+    passes = []
+    for _, inputs, _ in prompts:
+        spec = speculative_generate(target.model, draft, inputs, cfg=SpecConfig(K, max_new_tokens=MAX_NEW))
+        right, mask = teacher_forced_rows(target, draft, inputs, spec.tokens)
+        assert replay_decoding(right, mask, K) == (len(spec.tokens) - 1, len(spec.accepted_lengths))
+        passes.append(spec.accepted_lengths)
+    assert any(n > 1 for lengths in passes for n in lengths) or which == "untrained"  # some drafts were accepted
