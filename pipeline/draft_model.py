@@ -143,15 +143,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-    """Step k's queries ([B, heads, T, d]) see step 0's keys causally and each later step's key at their own
-    position only: row t at step j stands for the token j positions after t, drafted from row t's own chain.
-    One softmax over all of them, as SpecForge's TTT attention (and a served draft's tree path) does."""
-    T = q.shape[-2]
+def ttt_attention(
+    q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Step k's queries ([B, heads, R, d]) see step 0's keys causally and each later step's key at their own
+    row only: row t at step j stands for the token j positions after t, drafted from row t's own chain.
+    One softmax over all of them, as SpecForge's TTT attention (and a served draft's tree path) does.
+
+    ``keys[0]`` covers every row (T); the later steps may run on a subset of rows, ``rows`` [B, R] (default: all
+    T), whose keys ``keys[1:]`` hold: a chain needs only its own row's keys beyond step 0's.
+    """
+    T = keys[0].shape[-2]
+    if rows is None:
+        rows = torch.arange(T, device=q.device)[None]
     scale = q.shape[-1] ** -0.5
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    scores0 = (q @ keys[0].transpose(-1, -2) * scale).masked_fill(causal, float("-inf"))  # [B, h, T, T]
-    diag = torch.stack([(q * k).sum(-1) for k in keys[1:]], dim=-1) * scale  # [B, h, T, steps-1]
+    future = torch.arange(T, device=q.device) > rows[:, None, :, None]  # [B, 1, R, T]: keys after the row
+    scores0 = (q @ keys[0].transpose(-1, -2) * scale).masked_fill(future, float("-inf"))  # [B, h, R, T]
+    diag = torch.stack([(q * k).sum(-1) for k in keys[1:]], dim=-1) * scale  # [B, h, R, steps-1]
     probs = torch.cat([scores0, diag], dim=-1).float().softmax(dim=-1).to(q.dtype)
     out = probs[..., :T] @ values[0]
     return out + (probs[..., T:, None] * torch.stack(values[1:], dim=-2)).sum(dim=-2)
@@ -173,7 +181,12 @@ class Eagle3Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TTTCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: TTTCache | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -190,7 +203,7 @@ class Eagle3Attention(nn.Module):
             # Right padding needs no mask: causality keeps every real row from seeing the pads after it.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = ttt_attention(q, cache.keys, cache.values)
+            out = ttt_attention(q, cache.keys, cache.values, rows)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -221,10 +234,11 @@ class Eagle3DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: TTTCache | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # The residual is the un-normalised hidden (speculators/vLLM `norm_before_residual: false`).
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
-        h = hidden + self.self_attn(x, cos, sin, cache)
+        h = hidden + self.self_attn(x, cos, sin, cache, rows)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -265,6 +279,7 @@ class Eagle3Draft(nn.Module):
         hidden: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cache: TTTCache | None = None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft step -> (hidden_out [B, T, H] before the final norm, logits [B, T, draft_vocab]).
 
@@ -272,7 +287,8 @@ class Eagle3Draft(nn.Module):
         concatenated aux states, projected here (SGLang tells them apart by width the same way).
         ``position_ids`` are step 0's positions (default 0..T-1); for TTT pass one ``TTTCache`` to every step:
         step k then rotates with ``position_ids + k`` (its rows stand k tokens later) and attends as in
-        ``ttt_attention``. Without a cache the step is plain causal attention.
+        ``ttt_attention``; steps after the first may run on a subset of rows, ``rows`` [B, R] (their indices into
+        step 0's rows; ``position_ids`` are then theirs). Without a cache the step is plain causal attention.
         """
         if hidden.shape[-1] != self.config.hidden_size:
             hidden = self.project(hidden)
@@ -281,7 +297,7 @@ class Eagle3Draft(nn.Module):
             position_ids = torch.arange(T, device=hidden.device).expand(B, T)
         step = len(cache) if cache is not None else 0
         cos, sin = self.rotary(position_ids + step, hidden.dtype)
-        hidden = self.midlayer(inputs_embeds, hidden, cos, sin, cache)
+        hidden = self.midlayer(inputs_embeds, hidden, cos, sin, cache, rows)
         return hidden, self.lm_head(self.norm(hidden))
 
 

@@ -73,30 +73,57 @@ class TrainingTimeTest(nn.Module):
 
     def forward(self, batch: dict, target: TeacherOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (weighted loss, per-step sums [len(FIELDS), steps], right [B, T, steps]) for one micro-batch;
-        ``right[b, t, k]``: step k of row t drafts the target's own choice for token t+2+k."""
+        ``right[b, t, k]``: step k of row t drafts the target's own choice for token t+2+k.
+
+        Step 0 runs on every row: its keys are what every later step attends to. Steps 1.. run only on the rows
+        that a later step is scored on (chains ending in an answer). With audio prompts of hundreds of tokens
+        and short answers that is a small share of the rows, and the numbers are those of running them all.
+        """
         draft, ids, loss_mask = self.draft, batch["input_ids"], batch["loss_mask"]
         dtype = draft.fc.weight.dtype
         embeds = batch["inputs_embeds"].to(dtype)
         hidden = draft.project(batch["aux"].to(dtype))
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        B, T = ids.shape
         draft_to_target = draft.d2t + torch.arange(len(draft.d2t), device=ids.device)
-        cache, total, per_step, rights = TTTCache(), 0.0, [], []
+        scored = [shift_left(loss_mask, 2 + k) & shift_left(target.in_draft_vocab, 1 + k) for k in range(self.steps)]
+        rows = torch.arange(T, device=ids.device).expand(B, T)
+        cache, total, per_step = TTTCache(), 0.0, []
+        rights = torch.zeros(B, T + 1, self.steps, dtype=torch.bool, device=ids.device)  # + a column for padding
         chain = torch.ones_like(loss_mask)
         for k in range(self.steps):
-            hidden, logits = draft(shift_left(embeds, 1 + k), hidden, positions, cache)
-            counted = shift_left(loss_mask, 2 + k) & shift_left(target.in_draft_vocab, 1 + k)
-            teacher_logp = shift_left(target.log_probs, 1 + k)
+            if k == 1:
+                rows = rows_where(torch.stack(scored[1:]).any(0))
+                hidden, chain = take(hidden, rows), take(chain, rows)
+            hidden, logits = draft(take(embeds, rows, 1 + k), hidden, rows, cache, rows=rows if k else None)
+            counted = take(scored[k], rows)
+            teacher_logp = take(target.log_probs, rows, 1 + k)
             teacher_p, draft_logp = teacher_logp.exp(), logits.float().log_softmax(-1)
             row_loss = -(teacher_p * draft_logp).sum(-1)[counted]
             row_kl = (teacher_p * (teacher_logp - draft_logp)).sum(-1)[counted]
             total = total + self.decay**k * row_loss.sum() / counted.sum().clamp(min=1)
-            right = draft_to_target[logits.argmax(-1)] == shift_left(target.top_ids, 1 + k)
+            right = draft_to_target[logits.argmax(-1)] == take(target.top_ids, rows, 1 + k)
             counts = [row_loss.sum(), row_kl.sum(), counted.sum(), (right & counted).sum(), (chain & counted).sum(),
                       (chain & right & counted).sum()]  # fmt: skip
             per_step.append(torch.stack([c.detach().double() for c in counts]))
-            rights.append(right)
+            rights[..., k].scatter_(1, rows, right)
             chain = chain & (right | ~counted)  # a row's chain breaks at its first counted miss
-        return total, torch.stack(per_step, dim=1), torch.stack(rights, dim=-1)
+        return total, torch.stack(per_step, dim=1), rights[:, :T]
+
+
+def rows_where(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool -> [B, R] the indices of each batch row's True rows in order, padded with T (past the end)."""
+    B, T = mask.shape
+    width = max(1, int(mask.sum(1).max()) if B else 1)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]  # True rows first
+    return torch.where(mask.gather(1, order), order, T)
+
+
+def take(x: torch.Tensor, rows: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """x[b, rows[b, r] + shift] -> [B, R, ...]; zero (False) past the end, as ``shift_left`` pads."""
+    at = rows + shift
+    inside = (at < x.shape[1]).view(*at.shape, *[1] * (x.dim() - 2))
+    index = at.clamp(max=x.shape[1] - 1).view(*at.shape, *[1] * (x.dim() - 2)).expand(*at.shape, *x.shape[2:])
+    return x.gather(1, index).masked_fill(~inside, 0)
 
 
 def replay_decoding(right: torch.Tensor, loss_mask: torch.Tensor, k: int) -> tuple[int, int]:

@@ -16,6 +16,8 @@ from pipeline import draft_vocab
 from pipeline.cache import open_cache
 from pipeline.draft_model import DraftConfig, Eagle3Draft, TTTCache, apply_rotary, draft_vocab_from_counts
 from pipeline.export import export_sglang, export_speculators, load_sglang_export
+from pipeline.teacher import Teacher
+from pipeline.ttt_loss import TrainingTimeTest, shift_left, teacher_targets
 
 B, T = 2, 7
 AUX = [2, 4, 5]
@@ -315,3 +317,35 @@ def expected_counts(cache) -> np.ndarray:
         s = cache[i]
         np.add.at(counts, s["input_ids"][s["loss_mask"]].numpy(), 1)
     return counts
+
+
+@torch.no_grad()
+def test_later_ttt_steps_on_answer_rows_only_equal_running_every_row(model):
+    """The training objective runs steps 1.. on the rows a later step is scored on; a plain loop over every row
+    (the definition) gives the same loss, per-step sums and right/wrong flags."""
+    torch.manual_seed(3)
+    b, t, steps = 3, 12, 4
+    embeds, aux = torch.randn(b, t, 64), torch.randn(b, t, 3 * 48)
+    loss_mask = torch.zeros(b, t, dtype=torch.bool)
+    loss_mask[0, 7:11], loss_mask[1, 3:5], loss_mask[1, 9:], loss_mask[2, 10:] = True, True, True, True  # answers
+    teacher = Teacher(torch.randn(100, 64), model.d2t, model.t2d)
+    batch = {"input_ids": torch.randint(0, 100, (b, t)), "loss_mask": loss_mask, "inputs_embeds": embeds,
+             "aux": aux, "final_hidden": torch.randn(b, t, 64)}  # fmt: skip
+    target = teacher_targets(teacher, batch)
+    assert target.in_draft_vocab.any() and not target.in_draft_vocab[loss_mask.roll(-1, 1)].all()
+    loss, sums, right = TrainingTimeTest(model, steps)(batch, target)
+
+    cache, hidden, total, ref_sums = TTTCache(), model.project(aux), 0.0, []
+    to_target, chain = model.d2t + torch.arange(40), torch.ones_like(loss_mask)
+    for k in range(steps):  # the definition: every step on every row
+        hidden, logits = model(shift_left(embeds, 1 + k), hidden, cache=cache)
+        counted = shift_left(loss_mask, 2 + k) & shift_left(target.in_draft_vocab, 1 + k)
+        p_log, d_log = shift_left(target.log_probs, 1 + k), logits.log_softmax(-1)
+        row_loss = -(p_log.exp() * d_log).sum(-1)[counted]
+        total = total + 0.8**k * row_loss.sum() / counted.sum().clamp(min=1)
+        ok = to_target[logits.argmax(-1)] == shift_left(target.top_ids, 1 + k)
+        assert torch.equal(right[..., k] & counted, ok & counted), k
+        ref_sums.append([row_loss.sum(), counted.sum(), (ok & counted).sum(), (chain & ok & counted).sum()])
+        chain = chain & (ok | ~counted)
+    torch.testing.assert_close(loss, total)
+    torch.testing.assert_close(sums[[0, 2, 3, 5]].float(), torch.tensor(ref_sums).T.float())

@@ -30,6 +30,7 @@ from pipeline.tiny_target import build_tiny_target
 from pipeline.tone_data import (
     DEFAULT_TONES,
     NOTE_NAMES,
+    ToneConfig,
     count_answer,
     make_tone_clip,
     make_tone_clips,
@@ -146,3 +147,17 @@ def test_short_training_saves_a_reloadable_reproducible_model(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
     with pytest.raises(FileExistsError):
         train_small_target(first, TINY, progress=False)
+
+
+def test_melodies_in_thirds_climb_as_asked_and_leave_random_streams_unchanged():
+    climbing = [make_tone_clip(5, i, ToneConfig(thirds=1.0)).notes for i in range(4)]
+    for notes in climbing:
+        steps = {(NOTE_NAMES.index(b) - NOTE_NAMES.index(a)) % 7 for a, b in zip(notes, notes[1:], strict=False)}
+        assert steps == {2}, notes  # C E G B D F A C ...
+    # The option draws after the notes: thirds=0 keeps every clip (and so the small target's data) as it was.
+    for i in range(4):
+        assert make_tone_clip(5, i, ToneConfig(thirds=0.0)).notes == make_tone_clip(5, i).notes
+    mixed = [make_tone_clip(5, i, ToneConfig(thirds=0.5)).notes for i in range(40)]
+    pairs = [(a, b) for notes in mixed for a, b in zip(notes, notes[1:], strict=False)]
+    share = sum((NOTE_NAMES.index(b) - NOTE_NAMES.index(a)) % 7 == 2 for a, b in pairs) / len(pairs)
+    assert 0.5 < share < 0.65  # 0.5 + 0.5 / 7 expected

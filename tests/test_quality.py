@@ -1,0 +1,19 @@
+"""The quality benchmark at CI size: a briefly trained small target, its own answers regenerated, one cache, one
+EAGLE-3 draft, speculative decoding on held-out clips. Outputs must equal greedy and the draft must pay off."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_stage
+
+
+def test_small_quality_run_is_lossless_and_the_draft_is_accepted(tmp_path):
+    root = tmp_path / "quality"
+    run_stage("stages.quality", "--small", "--root", str(root))
+    report = json.loads((root / "quality.json").read_text())
+    (base,) = report["results"]
+    assert base["lossless"] is True
+    assert base["tau"] > 2.0, base  # tokens per target forward; 1.0 means the draft never helped
+    assert abs(base["offline_tau"] - base["tau"]) < 1.0, base  # the cache's estimate tracks the measurement
+    assert (root / "quality.png").stat().st_size > 0 and "| base |" in (root / "QUALITY.md").read_text()
