@@ -33,7 +33,7 @@ from pipeline.cache_format import (
 )
 from pipeline.cache_writer import BackgroundWriter, PartWriter, SampleRecord, WriteStats
 from pipeline.conversation import BadSample, StrictModeError, parse_conversations
-from pipeline.shards import RawSample, expand_shard_urls, iter_raw_samples
+from pipeline.shards import RawSample, expand_shard_urls, iter_raw_samples, unreadable_shard
 from pipeline.target import AudioTarget, TargetInputs, TargetStates, load_target
 
 
@@ -108,10 +108,7 @@ def _dump_shard(
         except StopIteration:
             break
         except Exception as err:  # an unreadable shard: keep what was cached, record why, go on
-            reason = f"shard unreadable after sample {position + 1}: {type(err).__name__}: {err}"
-            if cfg.strict:
-                raise StrictModeError(f"--strict: {url}: {reason}") from err
-            writer.submit(part.finish, reason)
+            writer.submit(part.finish, unreadable_shard(url, position + 1, err, cfg.strict))
             return
         position += 1
         if position < resume_at:

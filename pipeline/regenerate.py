@@ -52,6 +52,7 @@ from pipeline.shards import (
     iter_tar_members,
     make_sample,
     split_member_name,
+    unreadable_shard,
 )
 from pipeline.target import AudioTarget, load_target
 
@@ -281,9 +282,7 @@ def _regenerate_shard(url: str, cfg: RegenerateConfig, generator: _Generator, st
             except StopIteration:
                 break
             except Exception as err:  # an unreadable shard: keep what was read, record why, go on
-                shard_error = f"shard unreadable after {written + len(rejects) + len(batch)} samples: {err}"
-                if cfg.strict:
-                    raise StrictModeError(f"--strict: {url}: {shard_error}") from err
+                shard_error = unreadable_shard(url, written + len(rejects) + len(batch), err, cfg.strict)
                 break
             sample = _Sample(position, raw, members)
             try:

@@ -23,6 +23,8 @@ from webdataset import tariterators
 from webdataset.handlers import reraise_exception
 from webdataset.writer import ShardWriter
 
+from pipeline.conversation import StrictModeError
+
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg")
 ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
 DEFAULT_MAX_SIZE = 1_000_000_000  # bytes per shard; ShardWriter starts a new shard once it is exceeded
@@ -416,3 +418,11 @@ def _warn_stale_shards(out_pattern: str, count: int) -> None:
             "delete stale shards before reading the directory with a glob",
             stacklevel=3,
         )
+
+
+def unreadable_shard(url: str, samples_read: int, err: Exception, strict: bool) -> str:
+    """Why a shard ended early (recorded; the samples before it are kept), or StrictModeError under --strict."""
+    reason = f"shard unreadable after {samples_read} samples: {type(err).__name__}: {err}"
+    if strict:
+        raise StrictModeError(f"--strict: {url}: {reason}") from err
+    return reason

@@ -33,10 +33,15 @@ class SpecConfig:
     num_draft_tokens: int = 7  # K: draft tokens proposed per round (the chain length)
     max_new_tokens: int = 64
     eos_token_ids: list[int] | None = None  # None: the target's generation_config (then its config)
+    # What the draft reads at audio positions: the merged audio embeddings (what SGLang feeds a multimodal draft)
+    # or the placeholder token's embedding (what a text-only server would feed).
+    audio_embeds: str = "merged"
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 0 or self.max_new_tokens < 1:
             raise ValueError(f"need num_draft_tokens >= 0 and max_new_tokens >= 1, got {self}")
+        if self.audio_embeds not in ("merged", "placeholder"):
+            raise ValueError(f"audio_embeds must be 'merged' or 'placeholder', not {self.audio_embeds!r}")
 
 
 @dataclass
@@ -286,7 +291,8 @@ def speculative_generate(
         aux=aux.new_empty(capacity, aux.shape[-1]),
         embeds=out.hidden_states[0].new_empty(capacity, out.hidden_states[0].shape[-1]),
     )
-    buf.tokens[:T], buf.aux[:T], buf.embeds[:T] = ids[0], aux, out.hidden_states[0][0]
+    prompt_embeds = out.hidden_states[0][0] if cfg.audio_embeds == "merged" else embed_tokens(ids)[0]
+    buf.tokens[:T], buf.aux[:T], buf.embeds[:T] = ids[0], aux, prompt_embeds
     first = int(out.logits[0, -1].argmax())
     n = T  # tokens the target has processed; buf.tokens[n] is pending
     buf.tokens[n] = first

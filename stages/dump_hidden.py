@@ -9,7 +9,7 @@ from pipeline.audio import AudioPolicy
 from pipeline.cache_format import CodecConfig
 from pipeline.dump import DumpConfig, run_dump
 from pipeline.report import describe_dump
-from stages.job_errors import exit_with_fix
+from stages.long_job import run_long_job
 
 
 def parse_args(argv: list[str] | None = None) -> DumpConfig:
@@ -56,12 +56,7 @@ def parse_args(argv: list[str] | None = None) -> DumpConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    with exit_with_fix(cfg.out, "the cache at"):
-        manifest = run_dump(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(describe_dump(manifest))
+    run_long_job(lambda: run_dump(cfg), describe_dump, cfg.out, "the cache at")
 
 
 if __name__ == "__main__":

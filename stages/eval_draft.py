@@ -56,6 +56,7 @@ class EvalConfig:
     device: str | None = None
     max_length: int = 2048
     tie_tolerance: float = 0.0  # a mismatch whose logit gap is within this is a tie, not a failure (bf16)
+    audio_embeds: str = "merged"  # what the draft reads at audio positions (SpecConfig.audio_embeds)
 
 
 def locate(path: str | Path) -> tuple[Path, Path | None]:
@@ -241,7 +242,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     eval_percent = held_out_percent(run, cfg.split)
     out = Path(cfg.out) if cfg.out else (run / "eval" if run else draft_dir.with_name(draft_dir.name + "-eval"))
     out.mkdir(parents=True, exist_ok=True)
-    spec_cfg = SpecConfig(num_draft_tokens=cfg.k, max_new_tokens=cfg.max_new_tokens)
+    spec_cfg = SpecConfig(cfg.k, cfg.max_new_tokens, audio_embeds=cfg.audio_embeds)
     tokenizer = getattr(getattr(target, "processor", None), "tokenizer", None)
 
     skipped: list[dict] = []
@@ -323,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p.add_argument("--max-length", type=int, default=2048, help="prompt token limit, as in dump-hidden")
     p.add_argument("--tie-tolerance", type=float, default=0.0,
                    help="accept a mismatch whose target logit gap is at most this (a bf16 tie), default 0")  # fmt: skip
+    p.add_argument("--audio-embeds", choices=["merged", "placeholder"], default="merged",
+                   help="the draft input at audio positions: merged (SGLang, default) or placeholder")  # fmt: skip
     return EvalConfig(**vars(p.parse_args(argv)))
 
 

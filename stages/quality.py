@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +35,32 @@ from pipeline.tone_data import ToneConfig, write_tone_shards  # noqa: E402
 BASE = ["--ttt-steps", "7", "--draft-vocab-size", "256", "--layers", "2,4,5"]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One measured row: a draft trained with ``train`` flags (in run ``run``, default: named after the row),
+    evaluated with eval-draft's ``serve`` flags (default: served as SGLang serves, merged audio embeddings)."""
+
+    name: str
+    train: list[str]
+    serve: list[str] = field(default_factory=list)
+    run: str | None = None
+
+    @property
+    def run_name(self) -> str:
+        return self.run or slug(self.name)
+
+    @property
+    def eval_dir(self) -> str:
+        return f"eval-{slug(self.name)}" if self.serve else "eval"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "-", name.split(" (")[0]).strip("-")
+
+
+PLACEHOLDER = [*BASE, "--audio-embeds", "placeholder"]
+
+
 @dataclass
 class QualityPlan:
     root: Path = Path("runs/quality")
@@ -41,29 +68,42 @@ class QualityPlan:
     # The draft's data: each next note climbs a third with this chance, else is random (0: random notes only).
     thirds: float = 0.85
     draft_clips: int = 480
-    eval_clips: int = 32
+    eval_percent: float = 8.0  # held-out clips (by key hash): never trained on; the measured tau is theirs
     draft_steps: int = 240
     max_tokens: int = 4096
     k: int = 7
     max_new_tokens: int = 24  # tunes are at most 16 notes, one token each, then <|im_end|>
-    variants: dict[str, list[str]] = field(
-        default_factory=lambda: {
-            "base (ttt7, merged, vocab 256, layers 2,4,5)": BASE,
-            "ttt1": [*BASE, "--ttt-steps", "1"],
-            "placeholder audio embeds": [*BASE, "--audio-embeds", "placeholder"],
-            "vocab 64": [*BASE, "--draft-vocab-size", "64"],
-            "vocab 1024": [*BASE, "--draft-vocab-size", "1024"],
-            "layers 1,2,3": [*BASE, "--layers", "1,2,3"],
-            "layers 5,6,7": [*BASE, "--layers", "5,6,7"],
-        }
+    variants: list[Variant] = field(
+        default_factory=lambda: [
+            Variant("base (ttt7, merged, vocab 256, layers 2,4,5)", BASE),
+            Variant("ttt1", [*BASE, "--ttt-steps", "1"]),
+            Variant("placeholder audio embeds (served merged, as SGLang)", PLACEHOLDER),
+            Variant(
+                "placeholder audio embeds, served placeholder",
+                PLACEHOLDER,
+                ["--audio-embeds", "placeholder"],
+                run="placeholder-audio-embeds",
+            ),  # fmt: skip
+            Variant("vocab 64", [*BASE, "--draft-vocab-size", "64"]),
+            Variant("vocab 1024", [*BASE, "--draft-vocab-size", "1024"]),
+            Variant("layers 1,2,3", [*BASE, "--layers", "1,2,3"]),
+            Variant("layers 5,6,7", [*BASE, "--layers", "5,6,7"]),
+        ]
     )
+
+    def train_flags(self) -> list[str]:
+        # No DataLoader workers: on a cache this small their start-up each epoch costs more than decoding.
+        flags = {"max-steps": self.draft_steps, "max-tokens": self.max_tokens, "lr": 3e-3, "eval-every": 80,
+                 "checkpoint-every": 1000, "eval-percent": self.eval_percent,
+                 "num-workers": 0}  # fmt: skip
+        return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
 
     @classmethod
     def small(cls, root: Path) -> QualityPlan:
         """The CI-sized run (a few CPU minutes): a briefly trained target, one draft, a few held-out clips."""
         return cls(
-            root=root, target_flags=["--steps", "150", "--train-clips", "600", "--eval-clips", "10"],
-            draft_clips=160, eval_clips=8, draft_steps=80, variants={"base": BASE},
+            root=root, target_flags=["--steps", "300", "--train-clips", "1200", "--eval-clips", "10"],
+            draft_clips=240, eval_percent=8.0, draft_steps=160, variants=[Variant("base", BASE)],
         )  # fmt: skip
 
 
@@ -78,60 +118,36 @@ def stage(*args: str) -> None:
     STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.time() - started
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.split(" (")[0]).strip("-")
-
-
 def run(plan: QualityPlan) -> list[dict]:
     root, started = plan.root, time.time()
     target, data, cache, runs = root / "target", root / "data", root / "cache", root / "runs"
     if not (target / "config.json").exists():
         stage("stages.train_small_target", str(target), *plan.target_flags)
-    if not (data / "eval").exists():
-        # Transcription turns only (no "How many notes?"), so the cache's held-out split holds the same kind of
-        # answers eval-draft generates and the offline estimate is comparable with the measured tau.
+    if not (data / "train").exists():
+        # Transcription turns only (no "How many notes?"): the answers eval-draft generates.
         tones = ToneConfig(thirds=plan.thirds, min_notes=12, max_notes=16, count_fraction=0.0)
         write_tone_shards(data / "train", plan.draft_clips, seed=1, per_shard=100, cfg=tones)
-        write_tone_shards(data / "eval", plan.eval_clips, seed=2, per_shard=100, cfg=tones)
     stage("stages.regenerate", f"{data}/train/*.tar", str(data / "train-regen"), "--model", str(target),
           "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "16")  # fmt: skip
     stage("stages.dump_hidden", f"{data}/train-regen/*.tar", str(cache), "--model", str(target),
           "--layers", "1,2,3,4,5,6,7")  # fmt: skip
     results = []
-    for name, flags in plan.variants.items():
-        run_dir = runs / slug(name)
+    for variant in plan.variants:
+        run_dir, eval_dir = runs / variant.run_name, runs / variant.run_name / variant.eval_dir
         if not (run_dir / "eval.json").exists():
-            stage(
-                "stages.train_draft",
-                str(cache),
-                "--runs-dir",
-                str(runs),
-                "--name",
-                slug(name),
-                *flags,
-                "--max-steps",
-                str(plan.draft_steps),
-                "--max-tokens",
-                str(plan.max_tokens),
-                "--lr",
-                "3e-3",
-                "--eval-every",
-                "80",
-                "--checkpoint-every",
-                "1000",
-                "--eval-percent",
-                "5",
-                "--num-workers",
-                "0",
-            )  # fmt: skip  (a tiny cache: worker start-up would cost more than decoding)
-        if not (run_dir / "eval" / "eval.json").exists():
-            stage("stages.eval_draft", str(run_dir), f"{data}/eval/*.tar", "--model", str(target), "--split", "all",
-                  "--k", str(plan.k), "--max-new-tokens", str(plan.max_new_tokens))  # fmt: skip
-        measured = json.loads((run_dir / "eval" / "eval.json").read_text())
+            stage("stages.train_draft", str(cache), "--runs-dir", str(runs), "--name", variant.run_name,
+                  *variant.train, *plan.train_flags())  # fmt: skip
+        if not (eval_dir / "eval.json").exists():
+            # The run's held-out clips: the very samples its offline estimate was computed on.
+            stage("stages.eval_draft", str(run_dir), f"{data}/train-regen/*.tar", "--model", str(target),
+                  "--split", "eval", "--k", str(plan.k), "--max-new-tokens", str(plan.max_new_tokens),
+                  "--out", str(eval_dir), *variant.serve)  # fmt: skip
+        measured = json.loads((eval_dir / "eval.json").read_text())
         offline = json.loads((run_dir / "eval.json").read_text())[-1]
-        results.append({"variant": name, "tau": measured["tau"], "offline_tau": offline["tau_replay"],
+        results.append({"variant": variant.name, "tau": measured["tau"], "offline_tau": offline["tau_replay"],
                         "product_tau": offline["expected_accept_len"],
-                        "acc_0": offline["acc_0"], "lossless": measured["lossless"]})  # fmt: skip
+                        "acc_0": offline["acc_0"], "lossless": measured["lossless"],
+                        "clips": measured["samples"]})  # fmt: skip
     report(plan, results, time.time() - started)
     return results
 
@@ -162,7 +178,8 @@ def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
     stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in STAGE_SECONDS.items())
     (out / "QUALITY.md").write_text(
         f"# Quality benchmark\n\nCommand: `just quality` ({seconds / 60:.1f} min; minutes per stage: {stages}; a "
-        f"stage whose outputs existed was skipped). K={plan.k}, {plan.eval_clips} held-out clips, at most "
+        f"stage whose outputs existed was skipped). K={plan.k}; every draft measured on its run's held-out clips "
+        f"({plan.eval_percent:g}% of the keys, {results[0]['clips']} clips, never trained on), at most "
         f"{plan.max_new_tokens} new tokens, every output checked equal to plain greedy.\n"
         f"Draft data: {_data_words(plan)}; answers regenerated by the target. {plan.draft_steps} draft steps.\n\n"
         "| variant | measured tau | offline: decoding replayed | offline: 1 + sum prod cond_acc | held-out acc_0 "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.audio import AudioPolicy
 from pipeline.regenerate import RegenerateConfig, describe_regenerate, run_regenerate
-from stages.job_errors import exit_with_fix
+from stages.long_job import run_long_job
 
 
 def parse_args(argv: list[str] | None = None) -> RegenerateConfig:
@@ -59,12 +59,7 @@ def parse_args(argv: list[str] | None = None) -> RegenerateConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    with exit_with_fix(cfg.out, "the shards in"):
-        summary = run_regenerate(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(describe_regenerate(summary))
+    run_long_job(lambda: run_regenerate(cfg), describe_regenerate, cfg.out, "the shards in")
 
 
 if __name__ == "__main__":
