@@ -59,7 +59,7 @@ bench-train *flags:
 train-small-target out *flags:
     {{py}} -m stages.train_small_target "$1" "${@:2}"
 
-# The quality benchmark on the small trained target (prepared; not yet run to completion - see BENCHMARKS.md).
+# The quality benchmark: small trained target, regenerate, dump, draft variants, eval (QUALITY.md; --small: CI size).
 quality *flags:
     {{py}} -m stages.quality "$@"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import run_stage
 
 
@@ -14,6 +16,9 @@ def test_small_quality_run_is_lossless_and_the_draft_is_accepted(tmp_path):
     report = json.loads((root / "quality.json").read_text())
     (base,) = report["results"]
     assert base["lossless"] is True
-    assert base["tau"] > 2.0, base  # tokens per target forward; 1.0 means the draft never helped
-    assert abs(base["offline_tau"] - base["tau"]) < 1.0, base  # the cache's estimate tracks the measurement
+    assert base["tau"] > 3.0, base  # tokens per verify pass; 1.0 means the draft never helped (4.45 when written)
+    # Measured on the run's held-out clips, whose cached answers are the target's greedy ones: the offline replay
+    # from the cache is the measurement itself.
+    assert base["offline_tau"] == pytest.approx(base["tau"], abs=1e-6), base
+    assert base["product_tau"] > base["tau"]  # the independence estimate overshoots
     assert (root / "quality.png").stat().st_size > 0 and "| base |" in (root / "QUALITY.md").read_text()
