@@ -159,3 +159,21 @@ def test_fsdp_shards_the_draft_equals_one_rank_and_resumes_exactly(reference_cac
     resumed = final_weights(tmp_path / "fsdp")
     for name in sharded:
         assert torch.equal(sharded[name], resumed[name]), name
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp(reference_cache, tmp_path):
+    """Checkpoints hold full tensors keyed by name in both modes, so a DDP run can go on sharded."""
+    steps = ["--max-steps", "4", "--checkpoint-every", "2", "--eval-every", "100"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    for name in ("ddp", "mixed"):  # the same DDP run twice; "mixed" then loses its last checkpoint
+        proc = subprocess.run([*torchrun, *train_args(reference_cache, tmp_path, name, *steps)], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.rmtree(tmp_path / "mixed/checkpoints/step-0000004")
+    resume = [*torchrun, *train_args(reference_cache, tmp_path, "mixed", *steps, "--fsdp", "--resume")]
+    proc = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "FSDP: rank 1 holds 50%" in proc.stdout
+    ddp, mixed = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "mixed")
+    for name in ddp:
+        torch.testing.assert_close(ddp[name], mixed[name], rtol=1e-5, atol=1e-7, msg=name)
