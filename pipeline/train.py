@@ -30,6 +30,8 @@ from pipeline.sharding import distribute, load_states, local_parameter_share, mo
 from pipeline.teacher import Teacher
 from pipeline.ttt_loss import StepStats, TrainingTimeTest, replay_decoding, teacher_targets
 
+TRAIN_LOG = "train_log.jsonl"  # one line per logging step: train metrics, lr, tokens/s, data wait
+
 
 @dataclass
 class TrainConfig:
@@ -234,6 +236,9 @@ def train(cfg: TrainConfig) -> Path:
             rate = _reduce_scalar(acc, tokens) / elapsed
             extra = {"lr": schedule.get_last_lr()[0], "tokens_per_s": rate, "data_wait_fraction": waited / elapsed}
             _log(tb, "train", step, {**metrics, **extra})
+            if acc.is_main_process:  # the same figures as plain JSON lines, for scripts (bench-train reads them)
+                with (run / TRAIN_LOG).open("a") as f:
+                    f.write(json.dumps({"step": step, **metrics, **extra}) + "\n")
             bar.set_postfix_str(
                 f"kl_0 {metrics['kl_0']:.3f} acc_0 {metrics['acc_0']:.3f} {rate:.0f} tok/s, "
                 f"data wait {extra['data_wait_fraction']:.0%}"

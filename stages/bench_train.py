@@ -7,6 +7,7 @@
    state, as the reference trainers store them) read with ``torch.load(weights_only=True)``. Target: (i) >= 2x
    (iii). Each with a warm page cache and, where the OS lets us drop it, a cold one.
 2. Time to the first batch for a small cache and one with 100x the parts and samples (target: the same).
+3. Training from the cache: tokens/s and the share of time the trainer waited for data (``--train-steps``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import HiddenStateCache, open_cache
@@ -43,6 +44,7 @@ from pipeline.draft_data import (
     plan_batches,
     rank_batches,
 )
+from pipeline.train import TRAIN_LOG, TrainConfig, train
 from stages.bench_dump import synthetic_states
 
 LAYERS = [2, 16, 29]  # Qwen2-Audio-7B's EAGLE-3 layers (names only here)
@@ -361,6 +363,57 @@ def bench_first_batch(root: Path, cfg: LoaderConfig, factor: int, repeats: int, 
         print(f"    {label:<11} {len(c.parts):6d} parts {len(c):8d} samples: {cells}")
 
 
+def bench_training(root: Path, a: argparse.Namespace, codec: CodecConfig) -> None:
+    """[3] The draft trained from a synthetic cache: training tokens/s and the share of time spent waiting for data.
+
+    On a GPU at the issue's dimensions (the loader benchmark's cache, a 156032-row lm_head, draft vocab 32000); on a
+    CPU at a width it can train (a 7B-wide draft step would take minutes there), which says little about GPUs.
+    """
+    gpu = torch.cuda.is_available()
+    hidden = a.train_hidden or (a.hidden if gpu else 256)
+    vocab = a.train_vocab or (156032 if gpu else 8192)
+    cache = root / "cache"
+    if hidden != a.hidden:  # a narrower cache of the same kind of samples
+        build(root / "train", hidden, a.train_tokens, a.parts, min(vocab, a.vocab), codec)
+        cache = root / "train" / "cache"
+    _add_target_head(cache, hidden, vocab)
+    steps = a.train_steps
+    cfg = TrainConfig(
+        cache=str(cache), name="bench", runs_dir=str(root / "runs"), layers=LAYERS,
+        draft_vocab_size=min(32000, vocab), max_steps=steps, warmup_steps=1, max_tokens=a.max_tokens,
+        num_workers=a.workers, eval_percent=1.0, eval_every=10**9, log_every=max(1, steps // 2),
+        checkpoint_every=10**9,
+    )  # fmt: skip
+    start = time.perf_counter()
+    run = train(cfg)
+    last = json.loads((run / TRAIN_LOG).read_text().splitlines()[-1])  # steady state: the second half of the run
+    print(
+        f"\n[3] training from the cache: H={hidden}, target vocab {vocab}, draft vocab {cfg.draft_vocab_size}, "
+        f"TTT {cfg.ttt_steps}, {a.max_tokens}-token batches, {a.workers} workers, "
+        f"{'GPU ' + torch.cuda.get_device_name() if gpu else 'CPU'}: {steps} steps in "
+        f"{time.perf_counter() - start:.0f} s (with evaluation and export)\n"
+        f"    second half: {last['tokens_per_s']:.0f} tokens/s, waiting for data {last['data_wait_fraction']:.1%} "
+        "of the time"
+    )
+
+
+def _add_target_head(cache: Path, hidden: int, vocab: int) -> None:
+    """What a real cache holds besides its states: lm_head and norm, and the target's text config."""
+    gen = torch.Generator().manual_seed(1)
+    heads = load_file(cache / HEAD_WEIGHTS)
+    heads |= {"lm_head": (torch.randn(vocab, hidden, generator=gen) * 0.02).to(torch.bfloat16),
+              "norm": torch.ones(hidden, dtype=torch.bfloat16)}  # fmt: skip
+    save_file(heads, cache / HEAD_WEIGHTS)
+    manifest = read_json(cache / MANIFEST)
+    heads_n = max(1, hidden // 128)
+    text = {"hidden_size": hidden, "num_attention_heads": heads_n, "num_key_value_heads": heads_n,
+            "intermediate_size": hidden * 11008 // 4096, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "num_hidden_layers": 32, "max_position_embeddings": 8192}  # fmt: skip
+    manifest["target"]["config"] = {"text_config": text}  # Qwen2-Audio-7B's shape at H=4096
+    manifest["vocab_size"] = vocab
+    (cache / MANIFEST).write_text(json.dumps(manifest))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -378,6 +431,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-cold", action="store_true", help="skip the cold page cache passes")
     p.add_argument("--dir", type=Path, help="where to build the caches (default: a temp dir, removed after)")
+    p.add_argument("--train-steps", type=int, default=20, help="[3] draft training steps (0: skip)")
+    p.add_argument("--train-hidden", type=int, help="[3] width (default: --hidden on a GPU, 256 on a CPU)")
+    p.add_argument("--train-vocab", type=int, help="[3] target vocab (default: 156032 on a GPU, 8192 on a CPU)")
+    p.add_argument("--train-tokens", type=int, default=60_000, help="[3] tokens of the narrower cache on a CPU")
     a = p.parse_args(argv)
     print(
         f"machine: {_cpu_name()}, {os.cpu_count()} cores, "
@@ -395,6 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"built the three copies in {time.perf_counter() - start:.0f} s under {root}")
         bench_throughput(root, built, a.hidden, cfg, a.rounds, not a.no_cold)
         bench_first_batch(root, cfg, a.factor, a.repeats, not a.no_cold)
+        if a.train_steps:
+            bench_training(root, a, codec)
     print(f"load average after {os.getloadavg()[0]:.2f} (other work on the machine skews the figures)")
 
 
