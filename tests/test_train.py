@@ -47,6 +47,9 @@ def test_loss_falls_and_acc_rises_above_chance(trained):
     assert last["expected_accept_len"] > first["expected_accept_len"]
     assert (trained / "acceptance.png").stat().st_size > 10_000
     assert any((trained / "tensorboard").iterdir())
+    log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(10, 81, 10))  # log_every 10 of 80 steps
+    assert all(row["tokens_per_s"] > 0 and 0 <= row["data_wait_fraction"] <= 1 for row in log)
 
 
 def test_export_reloads_with_the_same_logits(trained):
