@@ -281,7 +281,23 @@ class Eagle3Draft(nn.Module):
         cache: TTTCache | None = None,
         rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft step -> (hidden_out [B, T, H] before the final norm, logits [B, T, draft_vocab]).
+        """One draft step -> (hidden_out [B, T, H] before the final norm, logits [B, T, draft_vocab])."""
+        hidden = self.step(inputs_embeds, hidden, position_ids, cache, rows)
+        return hidden, self.head(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden_out [..., H] -> draft-vocab logits (final norm, lm_head)."""
+        return self.lm_head(self.norm(hidden))
+
+    def step(
+        self,
+        inputs_embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache: TTTCache | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One draft step without the head -> hidden_out [B, T, H] (training scores only some rows' logits).
 
         ``hidden`` is either already projected (H wide, e.g. the previous step's ``hidden_out``) or the raw
         concatenated aux states, projected here (SGLang tells them apart by width the same way).
@@ -297,8 +313,7 @@ class Eagle3Draft(nn.Module):
             position_ids = torch.arange(T, device=hidden.device).expand(B, T)
         step = len(cache) if cache is not None else 0
         cos, sin = self.rotary(position_ids + step, hidden.dtype)
-        hidden = self.midlayer(inputs_embeds, hidden, cos, sin, cache, rows)
-        return hidden, self.lm_head(self.norm(hidden))
+        return self.midlayer(inputs_embeds, hidden, cos, sin, cache, rows)
 
 
 def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ TOP_CHUNK = 4096  # rows per full-vocab matmul: bounds memory at a 156k vocabula
 
 @dataclass
 class TeacherOutput:
-    log_probs: torch.Tensor  # [B, T, Vd] float32, log-softmax over the draft vocab
+    log_probs: torch.Tensor  # [B, T, Vd] float32, log-softmax over the draft vocab where asked, else 0
     top_ids: torch.Tensor  # [B, T] int64 target top token (full vocab) where asked, else -1
     in_draft_vocab: torch.Tensor  # [B, T] bool: the top token is in the draft vocab (False where not asked)
 
@@ -33,9 +33,10 @@ class Teacher(torch.nn.Module):
     def forward(self, final_hidden: torch.Tensor, needed: torch.Tensor) -> TeacherOutput:
         """``final_hidden`` [B, T, H]; ``needed`` [B, T] bool marks the positions whose top token matters."""
         h = final_hidden.to(self.draft_head.dtype)
-        log_probs = (h @ self.draft_head.T).float().log_softmax(-1)
+        rows = h[needed]  # only these: with audio prompts most positions are never scored
+        log_probs = torch.zeros(*needed.shape, len(self.draft_head), dtype=torch.float32, device=h.device)
+        log_probs[needed] = (rows @ self.draft_head.T).float().log_softmax(-1)
         top = torch.full(needed.shape, -1, dtype=torch.long, device=h.device)
-        rows = h[needed]
         if len(rows):
             top[needed] = torch.cat([(chunk @ self.lm_head.T).argmax(-1) for chunk in rows.split(TOP_CHUNK)])
         in_vocab = needed & self.t2d[top.clamp(min=0)]

@@ -75,9 +75,10 @@ class TrainingTimeTest(nn.Module):
         """-> (weighted loss, per-step sums [len(FIELDS), steps], right [B, T, steps]) for one micro-batch;
         ``right[b, t, k]``: step k of row t drafts the target's own choice for token t+2+k.
 
-        Step 0 runs on every row: its keys are what every later step attends to. Steps 1.. run only on the rows
-        that a later step is scored on (chains ending in an answer). With audio prompts of hundreds of tokens
-        and short answers that is a small share of the rows, and the numbers are those of running them all.
+        Step 0 runs on every row (its keys are what every later step attends to) but its logits are computed only
+        where it is scored; steps 1.. run only on the rows a later step is scored on (chains ending in an answer).
+        With audio prompts of hundreds of tokens and short answers that is a small share of the rows, and the
+        numbers are those of running every row.
         """
         draft, ids, loss_mask = self.draft, batch["input_ids"], batch["loss_mask"]
         dtype = draft.fc.weight.dtype
@@ -86,27 +87,31 @@ class TrainingTimeTest(nn.Module):
         B, T = ids.shape
         draft_to_target = draft.d2t + torch.arange(len(draft.d2t), device=ids.device)
         scored = [shift_left(loss_mask, 2 + k) & shift_left(target.in_draft_vocab, 1 + k) for k in range(self.steps)]
-        rows = torch.arange(T, device=ids.device).expand(B, T)
+        rows = torch.arange(T, device=ids.device).expand(B, T)  # the rows a step runs on
         cache, total, per_step = TTTCache(), 0.0, []
-        rights = torch.zeros(B, T + 1, self.steps, dtype=torch.bool, device=ids.device)  # + a column for padding
-        chain = torch.ones_like(loss_mask)
+        # Full size plus a column that padded row indices (T) write to: right/wrong per step, unbroken chains.
+        rights = torch.zeros(B, T + 1, self.steps, dtype=torch.bool, device=ids.device)
+        chain = torch.ones(B, T + 1, dtype=torch.bool, device=ids.device)
         for k in range(self.steps):
             if k == 1:
                 rows = rows_where(torch.stack(scored[1:]).any(0))
-                hidden, chain = take(hidden, rows), take(chain, rows)
-            hidden, logits = draft(take(embeds, rows, 1 + k), hidden, rows, cache, rows=rows if k else None)
-            counted = take(scored[k], rows)
-            teacher_logp = take(target.log_probs, rows, 1 + k)
+                hidden = take(hidden, rows)
+            hidden = draft.step(take(embeds, rows, 1 + k), hidden, rows, cache, rows=rows if k else None)
+            at = rows_where(scored[0]) if k == 0 else rows  # the rows whose logits this step needs
+            logits = draft.head(take(hidden, at) if k == 0 else hidden)
+            counted = take(scored[k], at)
+            teacher_logp = take(target.log_probs, at, 1 + k)
             teacher_p, draft_logp = teacher_logp.exp(), logits.float().log_softmax(-1)
             row_loss = -(teacher_p * draft_logp).sum(-1)[counted]
             row_kl = (teacher_p * (teacher_logp - draft_logp)).sum(-1)[counted]
             total = total + self.decay**k * row_loss.sum() / counted.sum().clamp(min=1)
-            right = draft_to_target[logits.argmax(-1)] == take(target.top_ids, rows, 1 + k)
-            counts = [row_loss.sum(), row_kl.sum(), counted.sum(), (right & counted).sum(), (chain & counted).sum(),
-                      (chain & right & counted).sum()]  # fmt: skip
+            right = draft_to_target[logits.argmax(-1)] == take(target.top_ids, at, 1 + k)
+            alive = take(chain, at)
+            counts = [row_loss.sum(), row_kl.sum(), counted.sum(), (right & counted).sum(), (alive & counted).sum(),
+                      (alive & right & counted).sum()]  # fmt: skip
             per_step.append(torch.stack([c.detach().double() for c in counts]))
-            rights[..., k].scatter_(1, rows, right)
-            chain = chain & (right | ~counted)  # a row's chain breaks at its first counted miss
+            rights[..., k].scatter_(1, at, right)
+            chain.scatter_(1, at, alive & (right | ~counted))  # a row's chain breaks at its first counted miss
         return total, torch.stack(per_step, dim=1), rights[:, :T]
 
 
