@@ -273,16 +273,9 @@ class Eagle3Draft(nn.Module):
         """The concatenated aux states [B, T, k*H_t] (in ``aux_layers`` order) -> the draft's hidden [B, T, H]."""
         return self.fc(aux)
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        cache: TTTCache | None = None,
-        rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft step -> (hidden_out [B, T, H] before the final norm, logits [B, T, draft_vocab])."""
-        hidden = self.step(inputs_embeds, hidden, position_ids, cache, rows)
+    def forward(self, *step_args, **step_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft step (``step``'s arguments) -> (hidden_out [B, T, H] before the final norm, logits)."""
+        hidden = self.step(*step_args, **step_kwargs)
         return hidden, self.head(hidden)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
