@@ -112,7 +112,8 @@ def _clip_notes(rng: np.random.Generator, cfg: ToneConfig) -> list[str]:
     if cfg.thirds:  # drawn after the notes, so thirds=0 keeps every stream exactly as before the option existed
         climbs = rng.random(count) < cfg.thirds
         for i in range(1, count):
-            drawn[i] = (drawn[i - 1] + 2) % len(NOTE_NAMES) if climbs[i] else drawn[i]
+            if climbs[i]:
+                drawn[i] = (drawn[i - 1] + 2) % len(NOTE_NAMES)
     return [NOTE_NAMES[i] for i in drawn]
 
 

@@ -263,7 +263,7 @@ def train(cfg: TrainConfig) -> Path:
                 save_checkpoint(run, step, weights, optim_state, trainer, cfg.keep_checkpoints)
             acc.wait_for_everyone()
     bar.close()
-    weights = model_state(objective)
+    # The last step always checkpoints (and a run resumed at its end loaded them): ``weights`` are the final ones.
     if acc.is_main_process:
         final = Eagle3Draft(draft_cfg)
         final.load_state_dict(weights)
