@@ -49,19 +49,19 @@ make-sample:
 
 # Benchmark stage one: dump vs forward-only throughput, writer MB/s per core, bytes per token.
 bench-dump *flags:
-    {{py}} -m stages.bench_dump "$@"
+    {{py}} -m stages.bench.dump "$@"
 
 # Benchmark stage two's loader: Zarr cache vs raw bytes vs one torch.save file per sample; time to first batch.
 bench-train *flags:
-    {{py}} -m stages.bench_train "$@"
+    {{py}} -m stages.bench.train "$@"
 
 # Train the small melody-transcription target (a Qwen2-Audio that has learned something audio-dependent).
 train-small-target out *flags:
-    {{py}} -m stages.train_small_target "$1" "${@:2}"
+    {{py}} -m stages.bench.train_small_target "$1" "${@:2}"
 
 # The quality benchmark: small trained target, regenerate, dump, draft variants, eval (QUALITY.md; --small: CI size).
 quality *flags:
-    {{py}} -m stages.quality "$@"
+    {{py}} -m stages.bench.quality "$@"
 
 # The test suite.
 test *flags:

@@ -30,7 +30,7 @@ import soxr
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so the script also runs without the editable install
 
-from pipeline.shards import write_shards  # noqa: E402
+from pipeline.inputs.shards import write_shards  # noqa: E402
 
 OUT = REPO / "data" / "sample"
 SEED = 20240601

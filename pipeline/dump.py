@@ -19,8 +19,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipeline.audio import AudioError, AudioPolicy, decode_audio
-from pipeline.cache_format import (
+from pipeline.cache.format import (
     COMMIT,
     FORMAT_VERSION,
     HEAD_WEIGHTS,
@@ -31,10 +30,12 @@ from pipeline.cache_format import (
     read_json,
     write_json_atomic,
 )
-from pipeline.cache_writer import BackgroundWriter, PartWriter, SampleRecord, WriteStats
-from pipeline.conversation import BadSample, StrictModeError, parse_conversations
-from pipeline.shards import RawSample, expand_shard_urls, iter_raw_samples, unreadable_shard
-from pipeline.target import AudioTarget, TargetInputs, TargetStates, load_target
+from pipeline.cache.writer import BackgroundWriter, PartWriter, SampleRecord, WriteStats
+from pipeline.errors import ConfigError, StrictModeError
+from pipeline.inputs.audio import AudioError, AudioPolicy, decode_audio
+from pipeline.inputs.conversation import BadSample, parse_conversations
+from pipeline.inputs.shards import RawSample, expand_shard_urls, iter_raw_samples, unreadable_shard
+from pipeline.targets.base import AudioTarget, TargetInputs, TargetStates, load_target
 
 
 @dataclass
@@ -158,7 +159,7 @@ def _forward(target: AudioTarget, inputs: TargetInputs, layers: list[int]) -> Ta
 def _check_layers(layers: list[int], num_layers: int) -> list[int]:
     bad = [i for i in layers if not 1 <= i < num_layers]
     if bad:
-        raise SystemExit(
+        raise ConfigError(
             f"--layers {bad} out of range: capture HF hidden_states indices 1..{num_layers - 1} "
             f"(0 is the input embeddings and {num_layers} the final state; both are always cached)"
         )
@@ -185,14 +186,14 @@ def _init_cache(cfg: DumpConfig, target: AudioTarget, layers: list[int], dtype: 
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / PARTS).mkdir(exist_ok=True)
     except OSError as err:
-        raise SystemExit(f"cannot create the cache directory {cfg.out}: {err}") from None
+        raise ConfigError(f"cannot create the cache directory {cfg.out}: {err}") from None
     if path.exists():
         old = read_json(path)
         changed = [k for k in identity if k != "target" and old.get(k) != identity[k]]
         if old["target"]["config"] != identity["target"]["config"]:
             changed.append("target model")
         if changed:
-            raise SystemExit(
+            raise ConfigError(
                 f"{cfg.out} holds a cache made with other settings ({', '.join(changed)} differ); "
                 "re-run with the original settings to resume it, or choose another --out"
             )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.audio import AudioPolicy
-from pipeline.cache_format import CodecConfig
+from pipeline.cache.format import CodecConfig
+from pipeline.cache.report import describe_dump
 from pipeline.dump import DumpConfig, run_dump
-from pipeline.report import describe_dump
-from stages.long_job import run_long_job
+from pipeline.inputs.audio import AudioPolicy
+from stages.exits import run_long_job
 
 
 def parse_args(argv: list[str] | None = None) -> DumpConfig:

@@ -27,14 +27,15 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from pipeline.audio import AudioError, AudioPolicy, decode_audio
-from pipeline.conversation import BadSample, Message, parse_conversations
-from pipeline.draft_data import in_split
-from pipeline.draft_model import Eagle3Draft
-from pipeline.export import CONFIG, load_sglang_export
-from pipeline.shards import expand_shard_urls, iter_raw_samples
-from pipeline.speculative import GreedyResult, SpecConfig, SpecResult, plain_greedy, speculative_generate
-from pipeline.target import AudioTarget, load_target
+from pipeline.draft.export import CONFIG, load_sglang_export
+from pipeline.draft.model import Eagle3Draft
+from pipeline.evaluate.speculative import GreedyResult, SpecConfig, SpecResult, plain_greedy, speculative_generate
+from pipeline.inputs.audio import AudioError, AudioPolicy, decode_audio
+from pipeline.inputs.conversation import BadSample, Message, parse_conversations
+from pipeline.inputs.shards import expand_shard_urls, iter_raw_samples
+from pipeline.targets.base import AudioTarget, load_target
+from pipeline.train.data import in_split
+from stages.exits import user_errors
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -330,7 +331,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_eval(parse_args(argv))
+    with user_errors():
+        run_eval(parse_args(argv))
 
 
 if __name__ == "__main__":

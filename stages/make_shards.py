@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.shards import DEFAULT_MAX_SIZE, iter_raw_samples, write_shards
+from pipeline.inputs.shards import DEFAULT_MAX_SIZE, iter_raw_samples, write_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.audio import AudioPolicy
+from pipeline.inputs.audio import AudioPolicy
 from pipeline.regenerate import RegenerateConfig, describe_regenerate, run_regenerate
-from stages.long_job import run_long_job
+from stages.exits import run_long_job
 
 
 def parse_args(argv: list[str] | None = None) -> RegenerateConfig:

@@ -11,7 +11,8 @@ import argparse
 import dataclasses
 import json
 
-from pipeline.train import TrainConfig, train
+from pipeline.train.loop import TrainConfig, train
+from stages.exits import user_errors
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run = train(parse_args(argv))
+    with user_errors():
+        run = train(parse_args(argv))
     print(f"run directory: {run}")
 
 

@@ -25,7 +25,7 @@ def tiny_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_home) -> Path:
-    from pipeline.tiny_target import ensure_tiny_target
+    from pipeline.testing.tiny_target import ensure_tiny_target
 
     return ensure_tiny_target()
 

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from pipeline.audio import AudioError, AudioPolicy, audio_seconds, decode_audio
+from pipeline.inputs.audio import AudioError, AudioPolicy, audio_seconds, decode_audio
 
 POLICY = AudioPolicy()
 

@@ -14,8 +14,8 @@ import soundfile as sf
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from pipeline.cache import open_cache
-from pipeline.shards import iter_raw_samples
+from pipeline.cache.reader import open_cache
+from pipeline.inputs.shards import iter_raw_samples
 from tests.conftest import REPO, run_stage, write_tar
 
 VALID_SHARD = REPO / "data/sample/shards/sample-000000.tar"

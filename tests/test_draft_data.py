@@ -11,9 +11,9 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import CachePart, open_cache
-from pipeline.cache_format import CodecConfig
-from pipeline.draft_data import (
+from pipeline.cache.format import CodecConfig
+from pipeline.cache.reader import CachePart, open_cache
+from pipeline.train.data import (
     LoaderConfig,
     ZarrSource,
     coalesce,

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import LlamaConfig
 
-from pipeline import draft_vocab
-from pipeline.cache import open_cache
-from pipeline.draft_model import DraftConfig, Eagle3Draft, TTTCache, apply_rotary, draft_vocab_from_counts
-from pipeline.export import export_sglang, export_speculators, load_sglang_export
-from pipeline.teacher import Teacher
-from pipeline.ttt_loss import TrainingTimeTest, shift_left, teacher_targets
+from pipeline.cache.reader import open_cache
+from pipeline.draft import vocab as draft_vocab
+from pipeline.draft.export import export_sglang, export_speculators, load_sglang_export
+from pipeline.draft.model import DraftConfig, Eagle3Draft, TTTCache, apply_rotary, draft_vocab_from_counts
+from pipeline.draft.teacher import Teacher
+from pipeline.draft.ttt_loss import TrainingTimeTest, shift_left, teacher_targets
 
 B, T = 2, 7
 AUX = [2, 4, 5]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from pipeline.audio import AudioPolicy, decode_audio
-from pipeline.cache import open_cache
-from pipeline.conversation import parse_conversations
-from pipeline.shards import expand_shard_urls, iter_raw_samples
+from pipeline.cache.reader import open_cache
+from pipeline.inputs.audio import AudioPolicy, decode_audio
+from pipeline.inputs.conversation import parse_conversations
+from pipeline.inputs.shards import expand_shard_urls, iter_raw_samples
 from tests.conftest import REPO, SAMPLE_SHARDS, run_stage
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import open_cache
-from pipeline.cache_format import COMMIT, PARTS
+from pipeline.cache.format import COMMIT, PARTS
+from pipeline.cache.reader import open_cache
 from tests.conftest import REPO, SAMPLE_SHARDS, run_stage
 
 

@@ -12,7 +12,7 @@ from tests.conftest import run_stage
 
 def test_small_quality_run_is_lossless_and_the_draft_is_accepted(tmp_path):
     root = tmp_path / "quality"
-    run_stage("stages.quality", "--small", "--root", str(root))
+    run_stage("stages.bench.quality", "--small", "--root", str(root))
     report = json.loads((root / "quality.json").read_text())
     (base,) = report["results"]
     assert base["lossless"] is True

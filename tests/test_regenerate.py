@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.audio import AudioPolicy, decode_audio
-from pipeline.regenerate import RegenerateConfig, StrictModeError, rejects_name, run_regenerate
-from pipeline.shards import iter_raw_samples
-from pipeline.target import load_target
+from pipeline.errors import ConfigError, StrictModeError
+from pipeline.inputs.audio import AudioPolicy, decode_audio
+from pipeline.inputs.shards import iter_raw_samples
+from pipeline.regenerate import RegenerateConfig, rejects_name, run_regenerate
+from pipeline.targets.base import load_target
 from tests.conftest import REPO, SAMPLE_SHARDS, run_stage, write_tar
 
 MAX_NEW_TOKENS = 8
@@ -117,7 +118,7 @@ def test_kill_during_run_then_rerun_equals_uninterrupted(tmp_path, reference, ta
         assert (out / name).read_bytes() == (reference / name).read_bytes()
 
     # Resuming with other settings would mix two kinds of answers: refused.
-    with pytest.raises(SystemExit, match="re-run with the original settings"):
+    with pytest.raises(ConfigError, match="re-run with the original settings"):
         run_regenerate(RegenerateConfig(SAMPLE_SHARDS, out, max_new_tokens=MAX_NEW_TOKENS + 1), target)
 
 

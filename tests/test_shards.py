@@ -1,4 +1,4 @@
-"""Tests for pipeline.shards: shard spec expansion, raw sample reading, manifest -> shards."""
+"""Tests for pipeline.inputs.shards: shard spec expansion, raw sample reading, manifest -> shards."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shards import (
+from pipeline.inputs.shards import (
     AUDIO_EXTENSIONS,
     ManifestError,
     RawSample,

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from pipeline.audio import AudioPolicy, decode_audio
-from pipeline.conversation import parse_conversations
-from pipeline.shards import iter_raw_samples
-from pipeline.small_target import (
+from pipeline.inputs.audio import AudioPolicy, decode_audio
+from pipeline.inputs.conversation import parse_conversations
+from pipeline.inputs.shards import iter_raw_samples
+from pipeline.testing.small_target import (
     RECORD,
     SmallTargetConfig,
     _collate,
@@ -26,8 +26,8 @@ from pipeline.small_target import (
     tokenizer_corpus,
     train_small_target,
 )
-from pipeline.tiny_target import build_tiny_target
-from pipeline.tone_data import (
+from pipeline.testing.tiny_target import build_tiny_target
+from pipeline.testing.tone_data import (
     DEFAULT_TONES,
     NOTE_NAMES,
     ToneConfig,

@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
-from pipeline.draft_model import DraftConfig, Eagle3Draft, draft_vocab_from_counts
-from pipeline.export import load_sglang_export
-from pipeline.speculative import (
+from pipeline.draft.export import load_sglang_export
+from pipeline.draft.model import DraftConfig, Eagle3Draft, draft_vocab_from_counts
+from pipeline.draft.teacher import Teacher
+from pipeline.draft.ttt_loss import TrainingTimeTest, replay_decoding, teacher_targets
+from pipeline.evaluate.speculative import (
     DraftContext,
     Eagle3Proposer,
     SpecConfig,
@@ -19,10 +21,8 @@ from pipeline.speculative import (
     plain_greedy,
     speculative_generate,
 )
-from pipeline.target import load_target
-from pipeline.teacher import Teacher
-from pipeline.train import TrainConfig, train
-from pipeline.ttt_loss import TrainingTimeTest, replay_decoding, teacher_targets
+from pipeline.targets.base import load_target
+from pipeline.train.loop import TrainConfig, train
 from stages import eval_draft
 from stages.eval_draft import EvalConfig, iter_prompts
 from tests.conftest import SAMPLE_SHARDS

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from pipeline import tiny_target
-from pipeline.tiny_target import (
+from pipeline.testing import tiny_target
+from pipeline.testing.tiny_target import (
     SPECIAL_TOKENS,
     TINY_MODEL_NAME,
     TinyTargetConfig,
@@ -125,11 +125,11 @@ def test_deterministic_across_processes(tmp_path: Path, built: Path, manifest: P
     # Rust hash maps in `tokenizers` are seeded per process: check the BPE does not depend on that.
     code = (
         "import sys; from pathlib import Path;"
-        "from pipeline.tiny_target import build_tiny_target, default_corpus;"
+        "from pipeline.testing.tiny_target import build_tiny_target, default_corpus;"
         "build_tiny_target(Path(sys.argv[1]), default_corpus(Path(sys.argv[2])))"
     )
     out = tmp_path / "subprocess"
-    repo = Path(tiny_target.__file__).resolve().parent.parent
+    repo = Path(tiny_target.__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code, str(out), str(manifest)], check=True, cwd=repo)
     for name in ("model.safetensors", "tokenizer.json"):
         assert (out / name).read_bytes() == (built / name).read_bytes(), name

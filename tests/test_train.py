@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.export import load_sglang_export
-from pipeline.train import TrainConfig, train
+from pipeline.draft.export import load_sglang_export
+from pipeline.train.loop import TrainConfig, train
 from tests.conftest import REPO, run_stage
 
 SMALL = ["--draft-vocab-size", "256", "--max-tokens", "1024", "--num-workers", "0", "--eval-percent", "20"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.cache_format import STORED_DTYPES
+from pipeline.cache.format import STORED_DTYPES
 
 
 def reference_bytes_per_token(hidden_size: int, itemsize: int = 2) -> int:

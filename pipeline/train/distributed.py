@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from pipeline.ttt_loss import TrainingTimeTest
+from pipeline.draft.ttt_loss import TrainingTimeTest
+from pipeline.errors import ConfigError
 
 # Gathered on rank 0 only, in CPU memory: what a checkpoint or an export needs, without a full copy on every GPU.
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -36,7 +37,7 @@ SCATTER = StateDictOptions(full_state_dict=True)
 def distribute(acc: Accelerator, objective: TrainingTimeTest, fsdp: bool) -> nn.Module:
     """The training module as the ranks run it: FSDP2-sharded in place, or prepared by accelerate (DDP)."""
     if acc.distributed_type == DistributedType.FSDP:
-        raise SystemExit("use train-draft's --fsdp flag rather than accelerate's FSDP config (one way to shard)")
+        raise ConfigError("use train-draft's --fsdp flag rather than accelerate's FSDP config (one way to shard)")
     if not fsdp:
         return acc.prepare(objective)
     draft = objective.draft

@@ -1,6 +1,6 @@
 """`just quality`: the whole pipeline on a small trained target, and every draft comparison measured.
 
-    1. train the small target (melody transcription, pipeline/small_target.py), unless ROOT/target exists
+    1. train the small target (melody transcription, pipeline/testing/small_target.py), unless ROOT/target exists
     2. fresh tone clips for the draft (train) and held-out clips (eval), as webdataset shards
     3. regenerate the train shards' answers with the target itself
     4. dump one cache with every layer captured
@@ -30,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.tone_data import ToneConfig, write_tone_shards  # noqa: E402
+from pipeline.testing.tone_data import ToneConfig, write_tone_shards  # noqa: E402
 
 BASE = ["--ttt-steps", "7", "--draft-vocab-size", "256", "--layers", "2,4,5"]
 
@@ -64,7 +64,7 @@ PLACEHOLDER = [*BASE, "--audio-embeds", "placeholder"]
 @dataclass
 class QualityPlan:
     root: Path = Path("runs/quality")
-    target_flags: list[str] = field(default_factory=list)  # for stages.train_small_target (defaults: the full one)
+    target_flags: list[str] = field(default_factory=list)  # for train_small_target (defaults: the full one)
     # The draft's data: each next note climbs a third with this chance, else is random (0: random notes only).
     thirds: float = 0.85
     draft_clips: int = 480
@@ -122,7 +122,7 @@ def run(plan: QualityPlan) -> list[dict]:
     root, started = plan.root, time.time()
     target, data, cache, runs = root / "target", root / "data", root / "cache", root / "runs"
     if not (target / "config.json").exists():
-        stage("stages.train_small_target", str(target), *plan.target_flags)
+        stage("stages.bench.train_small_target", str(target), *plan.target_flags)
     if not (data / "train").exists():
         # Transcription turns only (no "How many notes?"): the answers eval-draft generates.
         tones = ToneConfig(thirds=plan.thirds, min_notes=12, max_notes=16, count_fraction=0.0)

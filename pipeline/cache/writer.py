@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.cache_format import (
+from pipeline.cache.format import (
     COMMIT,
     STORED_DTYPES,
     CodecConfig,
@@ -28,7 +28,7 @@ from pipeline.cache_format import (
     to_storable,
     write_json_atomic,
 )
-from pipeline.target import TargetStates
+from pipeline.targets.base import TargetStates
 
 FLUSH_CHUNKS = 16  # whole chunks buffered per array before a write and a commit: fewer, larger writes
 

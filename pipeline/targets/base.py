@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.conversation import Message
+from pipeline.errors import TargetError
+from pipeline.inputs.conversation import Message
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -73,18 +74,18 @@ def load_target(model: str, dtype: str, device: str | torch.device) -> AudioTarg
     """Load the adapter that matches the checkpoint's ``model_type``."""
     from transformers import AutoConfig
 
-    from pipeline.qwen2_audio import Qwen2AudioTarget
-    from pipeline.tiny_target import resolve_model_path
+    from pipeline.targets.qwen2_audio import Qwen2AudioTarget
+    from pipeline.testing.tiny_target import resolve_model_path
 
     path = resolve_model_path(model)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise SystemExit(
+        raise TargetError(
             f"cannot read a model config from {model!r}: {err}\n"
             "Pass --model tiny, an HF model id already in your HF cache, or a local model directory."
         ) from None
     adapters = {"qwen2_audio": Qwen2AudioTarget}
     if config.model_type not in adapters:
-        raise SystemExit(f"no adapter for model_type {config.model_type!r}; supported: {sorted(adapters)}")
+        raise TargetError(f"no adapter for model_type {config.model_type!r}; supported: {sorted(adapters)}")
     return adapters[config.model_type](path, model, DTYPES[dtype], torch.device(device))

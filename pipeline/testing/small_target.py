@@ -1,10 +1,10 @@
 """A small Qwen2-Audio target trained on melody transcription, so that a draft has something real to predict.
 
-The random tiny target (pipeline.tiny_target) has learned nothing, so its answers carry no structure a draft could
-pick up. This one starts from the same builder (tokenizer, processor, chat template, config layout) and trains the
-whole model (audio encoder, projector, language model) with teacher forcing on the assistant tokens of synthetic
-melodies (pipeline.tone_data), in under 5 minutes on one CPU core. Its answers are long (6-16 notes, one token
-each), deterministic and depend on the audio.
+The random tiny target (pipeline.testing.tiny_target) has learned nothing, so its answers carry no structure a
+draft could pick up. This one starts from the same builder (tokenizer, processor, chat template, config layout) and
+trains the whole model (audio encoder, projector, language model) with teacher forcing on the assistant tokens of
+synthetic melodies (pipeline.testing.tone_data), in under 5 minutes on one CPU core. Its answers are long (6-16
+notes, one token each), deterministic and depend on the audio.
 
 Where the time goes: the Whisper-style encoder insists on 3000 mel frames (30 s); on a <= 4 s clip that was ~80% of
 a training step. The encoder never lets a real frame see a padded one (padded keys are masked, and convolution,
@@ -36,11 +36,11 @@ from tqdm import tqdm
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 from transformers.masking_utils import create_bidirectional_mask
 
-from pipeline.conversation import Message, text_of
-from pipeline.prompt import build_prompt, render_chat
-from pipeline.qwen2_audio import AUDIO_TOKEN, audio_token_count
-from pipeline.tiny_target import TinyTargetConfig, build_tiny_target, default_corpus
-from pipeline.tone_data import DEFAULT_TONES, ToneClip, ToneConfig, make_tone_clip, transcription
+from pipeline.inputs.conversation import Message, text_of
+from pipeline.inputs.prompt import build_prompt, render_chat
+from pipeline.targets.qwen2_audio import AUDIO_TOKEN, audio_token_count
+from pipeline.testing.tiny_target import TinyTargetConfig, build_tiny_target, default_corpus
+from pipeline.testing.tone_data import DEFAULT_TONES, ToneClip, ToneConfig, make_tone_clip, transcription
 
 RECORD = "small_target.json"
 # Zero samples kept after the longest clip of a batch when its features are cropped: more than the STFT's half
@@ -219,7 +219,7 @@ def _example(processor, clip: ToneClip) -> _Example:
 
 
 def _normalised(messages: list[Message]) -> list[Message]:
-    # build_prompt takes content as a list of items (pipeline.conversation's form); tone data writes plain strings.
+    # build_prompt takes content as a list of items (the parsed conversation's form); tone data writes plain strings.
     return [
         {**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]}
         for m in messages

@@ -32,10 +32,10 @@ import zarr
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cache import HiddenStateCache, open_cache
-from pipeline.cache_format import COMMIT, HEAD_WEIGHTS, MANIFEST, PARTS, CodecConfig, hidden_name, read_json
-from pipeline.cache_writer import PartWriter, SampleRecord
-from pipeline.draft_data import (
+from pipeline.cache.format import COMMIT, HEAD_WEIGHTS, MANIFEST, PARTS, CodecConfig, hidden_name, read_json
+from pipeline.cache.reader import HiddenStateCache, open_cache
+from pipeline.cache.writer import PartWriter, SampleRecord
+from pipeline.train.data import (
     BatchBuilder,
     BatchReader,
     LoaderConfig,
@@ -44,8 +44,8 @@ from pipeline.draft_data import (
     plan_batches,
     rank_batches,
 )
-from pipeline.train import TRAIN_LOG, TrainConfig, train
-from stages.bench_dump import synthetic_states
+from pipeline.train.loop import TRAIN_LOG, TrainConfig, train
+from stages.bench.dump import synthetic_states
 
 LAYERS = [2, 16, 29]  # Qwen2-Audio-7B's EAGLE-3 layers (names only here)
 AUDIO_TOKEN = 7

@@ -53,7 +53,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.draft_model import DraftConfig, Eagle3Draft
+from pipeline.draft.model import DraftConfig, Eagle3Draft
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -49,8 +49,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.common import ZARR_JSON
 
-from pipeline.cache import HiddenStateCache, open_cache
-from pipeline.cache_format import STORED_DTYPES, hidden_name
+from pipeline.cache.format import STORED_DTYPES, hidden_name
+from pipeline.cache.reader import HiddenStateCache, open_cache
 
 Split = Literal["train", "eval"]
 

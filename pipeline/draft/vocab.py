@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.cache import HiddenStateCache
-from pipeline.draft_model import draft_vocab_from_counts
+from pipeline.cache.reader import HiddenStateCache
+from pipeline.draft.model import draft_vocab_from_counts
 
 DRAFT_VOCAB_DIR = "draft_vocab"
 READ_ROWS = 1 << 22  # tokens per read: ~20 MB of ids and mask, whatever the part's size

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache_format import CodecConfig
-from pipeline.cache_writer import PartWriter, SampleRecord
+from pipeline.cache.format import CodecConfig
+from pipeline.cache.report import reference_bytes_per_token
+from pipeline.cache.writer import PartWriter, SampleRecord
 from pipeline.dump import DumpConfig, _check_layers, _process, run_dump
-from pipeline.report import reference_bytes_per_token
-from pipeline.shards import expand_shard_urls, iter_raw_samples
-from pipeline.target import TargetStates, load_target
+from pipeline.inputs.shards import expand_shard_urls, iter_raw_samples
+from pipeline.targets.base import TargetStates, load_target
 
 SAMPLE = "data/sample/shards/sample-{000000..000003}.tar"
 

@@ -18,10 +18,6 @@ class BadSample(ValueError):
     """A sample that cannot be cached; the message is the reason recorded next to its key."""
 
 
-class StrictModeError(RuntimeError):
-    """--strict: a job stops at its first bad sample instead of skipping it."""
-
-
 Message = dict[str, Any]
 
 

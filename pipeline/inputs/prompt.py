@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.conversation import BadSample, Message
+from pipeline.inputs.conversation import BadSample, Message
 
 
 @dataclass

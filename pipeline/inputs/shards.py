@@ -23,7 +23,7 @@ from webdataset import tariterators
 from webdataset.handlers import reraise_exception
 from webdataset.writer import ShardWriter
 
-from pipeline.conversation import StrictModeError
+from pipeline.errors import StrictModeError
 
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg")
 ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})

@@ -1,6 +1,6 @@
 """Train the small Qwen2-Audio target on synthetic melody transcription and save it as an HF model directory.
 
-python -m stages.train_small_target OUT [--seed S] [--steps N] [--batch-size B] [--lr LR] [--train-clips N]
+python -m stages.bench.train_small_target OUT [--seed S] [--steps N] [--batch-size B] [--lr LR] [--train-clips N]
     [--eval-clips N] [--threads T]
 
 OUT (which must not exist) gets the model, its processor and small_target.json (config, timings, held-out greedy
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.small_target import RECORD, SmallTargetConfig, train_small_target
+from pipeline.testing.small_target import RECORD, SmallTargetConfig, train_small_target
 
 DEFAULTS = SmallTargetConfig()
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache_format import (
+from pipeline.cache.format import (
     COMMIT,
     HEAD_WEIGHTS,
     MANIFEST,
@@ -31,6 +31,7 @@ from pipeline.cache_format import (
     hidden_name,
     read_json,
 )
+from pipeline.errors import CacheError
 
 
 class CachePart:
@@ -92,6 +93,11 @@ class HiddenStateCache:
         return self._starts[-1]
 
     @property
+    def target(self) -> dict:
+        """The target as its adapter described itself at dump time (opaque to the cache: model family specifics)."""
+        return self.manifest["target"]
+
+    @property
     def info(self) -> dict:
         m = self.manifest
         return {
@@ -146,7 +152,7 @@ class HiddenStateCache:
 def open_cache(path: str | Path) -> HiddenStateCache:
     root = Path(path)
     if not (root / MANIFEST).exists():
-        raise FileNotFoundError(f"{root} is not a hidden-state cache (no {MANIFEST}); run `just dump-hidden` first")
+        raise CacheError(f"{root} is not a hidden-state cache (no {MANIFEST}); run `just dump-hidden` first")
     return HiddenStateCache(root)
 
 

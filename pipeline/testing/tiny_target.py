@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO_ROOT / "data" / "sample" / "manifest.jsonl"
 HOME_ENV = "AUDIO_EAGLE_HOME"
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationConfig
 
-from pipeline.draft_model import Eagle3Draft, TTTCache, apply_rotary
-from pipeline.ttt_loss import shift_left
+from pipeline.draft.model import Eagle3Draft, TTTCache, apply_rotary
+from pipeline.draft.ttt_loss import shift_left
 
 
 @dataclass

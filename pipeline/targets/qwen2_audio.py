@@ -6,9 +6,10 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from pipeline.conversation import BadSample, Message
-from pipeline.prompt import build_prompt
-from pipeline.target import AudioTarget, TargetInputs, TargetStates
+from pipeline.errors import TargetError
+from pipeline.inputs.conversation import BadSample, Message
+from pipeline.inputs.prompt import build_prompt
+from pipeline.targets.base import AudioTarget, TargetInputs, TargetStates
 
 AUDIO_TOKEN = "<|AUDIO|>"
 
@@ -24,7 +25,7 @@ class Qwen2AudioTarget(AudioTarget):
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
         except (OSError, ValueError) as err:
-            raise SystemExit(f"cannot load Qwen2-Audio from {name_or_path!r}: {err}") from None
+            raise TargetError(f"cannot load Qwen2-Audio from {name_or_path!r}: {err}") from None
         text = self.model.config.text_config
         self.name_or_path = name_or_path
         self.num_layers = text.num_hidden_layers

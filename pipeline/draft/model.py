@@ -11,7 +11,7 @@ as its hidden, at serving time and in the training-time test (TTT).
 
 Module and buffer names are those of SpecForge's ``LlamaForCausalLMEagle3`` and SGLang's loader (``fc``,
 ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``, ``t2d``), so the SGLang export is ``state_dict()`` as is; see
-``pipeline/export.py`` for the formats and where each convention comes from.
+``pipeline/draft/export.py`` for the formats and where each convention comes from.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.draft_model import Eagle3Draft, TTTCache
-from pipeline.teacher import Teacher, TeacherOutput
+from pipeline.draft.model import Eagle3Draft, TTTCache
+from pipeline.draft.teacher import Teacher, TeacherOutput
 
 
 def shift_left(x: torch.Tensor, s: int) -> torch.Tensor:

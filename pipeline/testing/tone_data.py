@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from pipeline.conversation import Message
-from pipeline.shards import write_shards
+from pipeline.inputs.conversation import Message
+from pipeline.inputs.shards import write_shards
 
 NOTE_NAMES: tuple[str, ...] = ("C", "D", "E", "F", "G", "A", "B")
 # MIDI numbers of C6..B6. Octave 6 because Whisper's 25 ms window resolves ~40 Hz: a semitone there is 62 Hz

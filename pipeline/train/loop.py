@@ -19,16 +19,17 @@ from accelerate.utils import gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from pipeline.cache import HiddenStateCache, open_cache
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.draft_data import LoaderConfig, make_loader
-from pipeline.draft_model import DraftConfig, Eagle3Draft
-from pipeline.draft_vocab import load_or_build_draft_vocab
-from pipeline.export import export_sglang, export_speculators
-from pipeline.plots import plot_acceptance
-from pipeline.sharding import distribute, load_states, local_parameter_share, model_state, optimizer_state
-from pipeline.teacher import Teacher
-from pipeline.ttt_loss import StepStats, TrainingTimeTest, replay_decoding, teacher_targets
+from pipeline.cache.reader import HiddenStateCache, open_cache
+from pipeline.draft.export import export_sglang, export_speculators
+from pipeline.draft.model import DraftConfig, Eagle3Draft
+from pipeline.draft.teacher import Teacher
+from pipeline.draft.ttt_loss import StepStats, TrainingTimeTest, replay_decoding, teacher_targets
+from pipeline.draft.vocab import load_or_build_draft_vocab
+from pipeline.errors import ConfigError
+from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.train.data import LoaderConfig, make_loader
+from pipeline.train.distributed import distribute, load_states, local_parameter_share, model_state, optimizer_state
+from pipeline.train.plots import plot_acceptance
 
 TRAIN_LOG = "train_log.jsonl"  # one line per logging step: train metrics, lr, tokens/s, data wait
 
@@ -79,18 +80,18 @@ def check_cache_fits(cache: HiddenStateCache, cfg: TrainConfig) -> list[int]:
     """The aux layers to train on; stops with a message, before any training, if the cache cannot serve them."""
     info = cache.info
     if cfg.target and cfg.target not in (info["model"], info["model"].rstrip("/").split("/")[-1]):
-        raise SystemExit(f"{cfg.cache} was dumped from {info['model']!r}, not --target {cfg.target!r}")
+        raise ConfigError(f"{cfg.cache} was dumped from {info['model']!r}, not --target {cfg.target!r}")
     layers = cfg.layers or _eagle3_layers(info["num_layers"], info["captured_layers"])
     missing = sorted(set(layers) - set(info["captured_layers"]))
     if missing:
-        raise SystemExit(
+        raise ConfigError(
             f"--layers {layers}: the cache captured {info['captured_layers']}, not {missing}; dump again with "
             f"--layers {','.join(map(str, sorted(set(layers) | set(info['captured_layers']))))}"
         )
     if cfg.draft_vocab_size is None:
         cfg.draft_vocab_size = min(32000, info["vocab_size"])
     if cfg.draft_vocab_size > info["vocab_size"]:
-        raise SystemExit(f"--draft-vocab-size {cfg.draft_vocab_size} exceeds the target vocab {info['vocab_size']}")
+        raise ConfigError(f"--draft-vocab-size {cfg.draft_vocab_size} exceeds the target vocab {info['vocab_size']}")
     return layers
 
 
@@ -102,7 +103,7 @@ def _eagle3_layers(num_layers: int, captured: list[int]) -> list[int]:
 def build_draft_config(cache: HiddenStateCache, cfg: TrainConfig, layers: list[int]) -> DraftConfig:
     text = cache.manifest["target"]["config"]["text_config"]
     if text["hidden_size"] != cache.info["hidden_size"]:
-        raise SystemExit(f"cache hidden size {cache.info['hidden_size']} differs from its target's {text}")
+        raise ConfigError(f"cache hidden size {cache.info['hidden_size']} differs from its target's {text}")
     draft = DraftConfig.from_text_config(text, layers, cfg.draft_vocab_size)
     overrides = {
         "hidden_size": cfg.hidden_size,
@@ -157,7 +158,7 @@ class Batches:
                 return [{k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
                         for b in group]  # fmt: skip
             if fresh:
-                raise SystemExit(
+                raise ConfigError(
                     f"an epoch of {self.cache_path} has fewer than {size} x {self.acc.num_processes} training "
                     "batches: lower --max-tokens or --grad-accum, use fewer ranks, or lower --eval-percent"
                 )
@@ -198,7 +199,7 @@ def train(cfg: TrainConfig) -> Path:
         step, history = trainer["step"], trainer["history"]
         schedule.load_state_dict(trainer["schedule"])
         if len(trainer["data"]) != acc.num_processes:
-            raise SystemExit(f"{ckpt} was written by {len(trainer['data'])} ranks; resume it on as many")
+            raise ConfigError(f"{ckpt} was written by {len(trainer['data'])} ranks; resume it on as many")
         position = trainer["data"][acc.process_index]
         acc.print(f"resumed from {ckpt} at step {step}")
     loader_cfg = LoaderConfig(

@@ -1,4 +1,4 @@
-"""How the long, resumable jobs (dump, regenerate) end: a summary, or a message that says what to fix."""
+"""How stages end: a summary, or a message that says what to fix (never a traceback for a user's mistake)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.conversation import StrictModeError
+from pipeline.errors import PipelineError, StrictModeError
 
 Result = TypeVar("Result")
 
 
 @contextmanager
-def exit_with_fix(out: Path, writing: str) -> Iterator[None]:
-    """Exit with a message (no traceback) on --strict failures, missing inputs and unwritable outputs."""
+def user_errors(out: Path | None = None, writing: str = "the output") -> Iterator[None]:
+    """Exit with the message of a ``PipelineError``; with ``out``, also on missing inputs and unwritable outputs."""
     try:
         yield
     except StrictModeError as err:
         sys.exit(f"{err}\nFix or remove the sample, or drop --strict to skip bad samples; re-run to resume.")
+    except PipelineError as err:
+        sys.exit(str(err))
     except FileNotFoundError as err:
+        if out is None:
+            raise
         sys.exit(str(err))
     except OSError as err:
+        if out is None:
+            raise
         sys.exit(
             f"cannot write {writing} {out}: {err}\n"
             "Free disk space (or fix permissions) and re-run the same command: it resumes."
@@ -30,8 +36,8 @@ def exit_with_fix(out: Path, writing: str) -> Iterator[None]:
 
 
 def run_long_job(job: Callable[[], Result], describe: Callable[[Result], str], out: Path, writing: str) -> None:
-    """Run the job; the main process prints its summary. ``writing`` names the output in messages."""
-    with exit_with_fix(out, writing):
+    """Run a resumable job (dump, regenerate); the main process prints its summary. ``writing`` names the output."""
+    with user_errors(out, writing):
         result = job()
     from accelerate import PartialState  # after the job: it set up the process group, if any
 
