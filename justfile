@@ -35,9 +35,9 @@ regenerate shards out *flags:
 eval-draft run_or_draft shards *flags:
     {{py}} -m stages.eval_draft "$1" "$2" "${@:3}"
 
-# What a cache holds: samples, tokens, bytes on disk, compression, rejects.
-inspect-cache path:
-    {{py}} -m stages.inspect_cache "$1"
+# What a cache holds: samples, tokens, bytes on disk, compression, rejects (--verify: check every chunk).
+inspect-cache path *flags:
+    {{py}} -m stages.inspect_cache "$1" "${@:2}"
 
 # Convert a JSONL manifest ({"audio": path, "conversations": [...]}) into webdataset tar shards.
 make-shards manifest out_pattern *flags:
@@ -63,10 +63,15 @@ train-small-target out *flags:
 quality *flags:
     {{py}} -m stages.bench.quality "$@"
 
-# The test suite.
+# The whole test suite (what CI runs): every tier, multi-process runs and the CI-sized quality run (~10 min).
 test *flags:
     {{py}} -m pytest -q "$@"
 
-# Lint.
+# The edit loop's tier (under 90 s): in-process tests only, no stage launches, no multi-rank runs.
+test-fast *flags:
+    {{py}} -m pytest -q -m "not slow and not distributed" "$@"
+
+# Lint and format check (CI runs it).
 lint:
     {{py}} -m ruff check pipeline stages tests data
+    {{py}} -m ruff format --check pipeline stages tests data

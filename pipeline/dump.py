@@ -7,52 +7,54 @@ at its first uncommitted sample. Bad samples are skipped, recorded with their ke
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipeline.cache.format import (
-    COMMIT,
-    FORMAT_VERSION,
-    HEAD_WEIGHTS,
-    MANIFEST,
-    PARTS,
-    CodecConfig,
-    part_name,
-    read_json,
-    write_json_atomic,
+from pipeline.cache.format import CodecConfig, Manifest, SampleStates
+from pipeline.cache.writer import (
+    BackgroundWriter,
+    CacheWriter,
+    PartWriter,
+    SampleRecord,
+    WriteStats,
+    create_or_resume,
 )
-from pipeline.cache.writer import BackgroundWriter, PartWriter, SampleRecord, WriteStats
 from pipeline.errors import ConfigError, StrictModeError
 from pipeline.inputs.audio import AudioError, AudioPolicy, decode_audio
 from pipeline.inputs.conversation import BadSample, parse_conversations
 from pipeline.inputs.shards import RawSample, expand_shard_urls, iter_raw_samples, unreadable_shard
-from pipeline.targets.base import AudioTarget, TargetInputs, TargetStates, load_target
+from pipeline.settings import setting
+from pipeline.targets import AudioTarget, TargetInputs, load_target
 
 
 @dataclass
 class DumpConfig:
-    shards: str  # path, glob, brace pattern, comma list or URL of webdataset tar shards
-    out: Path
-    model: str = "tiny"  # "tiny", an HF id or a local model directory
-    layers: list[int] | None = None  # HF hidden_states indices; default EAGLE-3's (2, L//2, L-3)
-    dtype: str | None = None  # default bfloat16 on GPU, float32 on CPU
-    max_length: int = 2048
-    audio: AudioPolicy = field(default_factory=AudioPolicy)
-    codec: CodecConfig = field(default_factory=CodecConfig)
-    strict: bool = False  # the first bad sample fails the job
-    max_pending: int = 8  # samples queued for the writer before the forward waits (bounds memory)
+    shards: str = setting(help="webdataset shards: path, glob, brace pattern {000..009}, comma list or URL")
+    out: Path = setting(help="cache directory (re-run the same command to resume)")
+    model: str = setting("tiny", "the target: an alias (tiny: the built-in test target), an HF id or a local directory")
+    layers: list[int] | None = setting(
+        None,
+        "HF hidden_states indices to cache, e.g. 2,16,29 (default: EAGLE-3's 2, L//2, L-3); capture more so one "
+        "dump serves drafts that use other layers",
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] | None = setting(
+        None, "model and cache dtype (default: bfloat16 on GPU, float32 on CPU)"
+    )
+    max_length: int = setting(2048, "truncate prompts to this many tokens")
+    audio: AudioPolicy = setting(factory=AudioPolicy)
+    codec: CodecConfig = setting(factory=CodecConfig)
+    strict: bool = setting(False, "fail on the first bad sample instead of skipping it")
+    max_pending: int = setting(8, "samples queued for the writer before the forward waits (bounds memory)")
 
 
-def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> dict:
+def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> Manifest:
     """Dump every shard of ``cfg.shards`` into ``cfg.out`` and return the final manifest.
 
     ``target`` may be passed already loaded (benchmarks); otherwise ``cfg.model`` is loaded here.
@@ -63,9 +65,11 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> dict:
     target = target or load_target(cfg.model, dtype, state.device)
     dtype = str(target.dtype).removeprefix("torch.")
     layers = _check_layers(cfg.layers or target.default_layers(), target.num_layers)
+    manifest = _manifest(cfg, target, layers, dtype, urls)
     if state.is_main_process:
-        _init_cache(cfg, target, layers, dtype, urls)
+        create_or_resume(cfg.out, manifest, target.head_weights)
     state.wait_for_everyone()
+    cache = CacheWriter(cfg.out, manifest)
 
     writer = BackgroundWriter(cfg.max_pending)
     stats = WriteStats()
@@ -74,8 +78,7 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> dict:
     try:
         for url in urls[state.process_index :: state.num_processes]:
             writer_id = {"rank": state.process_index, "world_size": state.num_processes}
-            path = cfg.out / PARTS / part_name(url)
-            part = PartWriter(path, url, layers, target.hidden_size, dtype, cfg.codec, writer_id, stats)
+            part = cache.part(url, writer_id, stats)
             if part.complete:
                 continue
             for record in _dump_shard(url, part, target, layers, cfg, writer):
@@ -88,9 +91,9 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> dict:
     elapsed = time.perf_counter() - start
     print(f"rank {state.process_index}: the model waited {writer.wait_seconds:.1f} s of {elapsed:.1f} s on the writer")
     state.wait_for_everyone()
-    manifest = _finalise(cfg.out, urls) if state.is_main_process else None
+    final = cache.finalise() if state.is_main_process else None
     state.wait_for_everyone()
-    return manifest or read_json(cfg.out / MANIFEST)
+    return final or Manifest.read(cfg.out)
 
 
 def _dump_shard(
@@ -143,7 +146,7 @@ def _process(raw: RawSample, position: int, target: AudioTarget, layers: list[in
     )
 
 
-def _forward(target: AudioTarget, inputs: TargetInputs, layers: list[int]) -> TargetStates:
+def _forward(target: AudioTarget, inputs: TargetInputs, layers: list[int]) -> SampleStates:
     try:
         states = target.forward(inputs, layers)
     except torch.cuda.OutOfMemoryError:
@@ -166,81 +169,17 @@ def _check_layers(layers: list[int], num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def _init_cache(cfg: DumpConfig, target: AudioTarget, layers: list[int], dtype: str, urls: list[str]) -> None:
-    """Create the cache, or check that an existing one was made with the same settings (then resume it)."""
-    identity = {
-        "format_version": FORMAT_VERSION,
-        "target": target.identity(),
-        "hidden_size": target.hidden_size,
-        "num_layers": target.num_layers,
-        "vocab_size": target.vocab_size,
-        "captured_layers": layers,
-        "dtype": dtype,
-        "codec": cfg.codec.to_dict(),
-        "max_length": cfg.max_length,
-        "audio_policy": asdict(cfg.audio),
-    }
-    identity = json.loads(json.dumps(identity))  # compare as stored: tuples become lists, keys strings
-    path = cfg.out / MANIFEST
-    try:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / PARTS).mkdir(exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create the cache directory {cfg.out}: {err}") from None
-    if path.exists():
-        old = read_json(path)
-        changed = [k for k in identity if k != "target" and old.get(k) != identity[k]]
-        if old["target"]["config"] != identity["target"]["config"]:
-            changed.append("target model")
-        if changed:
-            raise ConfigError(
-                f"{cfg.out} holds a cache made with other settings ({', '.join(changed)} differ); "
-                "re-run with the original settings to resume it, or choose another --out"
-            )
-    else:
-        weights = {k: v.contiguous().clone() for k, v in target.head_weights().items()}
-        save_file(weights, cfg.out / HEAD_WEIGHTS)
-    write_json_atomic(path, {**identity, "shards": urls, "complete": False})
-
-
-def _finalise(out: Path, urls: list[str]) -> dict:
-    """Gather every part's commit into the manifest; it says complete only if every shard is done."""
-    manifest = read_json(out / MANIFEST)
-    parts, rejects, errors = [], [], []
-    for url in urls:
-        commit_path = out / PARTS / part_name(url) / COMMIT
-        if not commit_path.exists():
-            continue
-        c = read_json(commit_path)
-        parts.append(
-            {
-                "name": part_name(url),
-                "shard": url,
-                "samples": len(c["keys"]),
-                "tokens": c["token_offsets"][-1],
-                "audio_tokens": c["audio_offsets"][-1],
-                "raw_bytes": c["raw_bytes"],
-                "complete": c["complete"],
-            }
-        )
-        rejects += [{**r, "shard": url} for r in c["rejects"]]
-        if c["error"]:
-            errors.append({"shard": url, "error": c["error"]})
-    stored = sum(f.stat().st_size for f in (out / PARTS).rglob("*") if f.is_file())
-    raw = sum(p["raw_bytes"] for p in parts)
-    counts = {
-        "shards": len(urls),
-        "shards_done": sum(p["complete"] for p in parts),
-        "samples": sum(p["samples"] for p in parts),
-        "tokens": sum(p["tokens"] for p in parts),
-        "audio_tokens": sum(p["audio_tokens"] for p in parts),
-        "rejected": len(rejects),
-        "reject_reasons": dict(Counter(r["reason"].split(":")[0] for r in rejects)),
-        "unreadable_shards": len(errors),
-        "stored_bytes": stored,
-        "raw_bytes": raw,
-    }
-    complete = counts["shards_done"] == len(urls)
-    manifest.update(parts=parts, counts=counts, rejects=rejects, shard_errors=errors, complete=complete)
-    write_json_atomic(out / MANIFEST, manifest)
-    return manifest
+def _manifest(cfg: DumpConfig, target: AudioTarget, layers: list[int], dtype: str, urls: list[str]) -> Manifest:
+    """What the cache records of this dump: the target's identity and shape, the layers, and the settings."""
+    return Manifest(
+        target=target.identity(),
+        audio_token_id=target.audio_token_id,
+        hidden_size=target.hidden_size,
+        num_layers=target.num_layers,
+        vocab_size=target.vocab_size,
+        captured_layers=layers,
+        dtype=dtype,
+        codec=cfg.codec,
+        settings={"max_length": cfg.max_length, "audio_policy": asdict(cfg.audio)},
+        shards=urls,
+    )

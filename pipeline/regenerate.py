@@ -21,7 +21,6 @@ seeded per sample and turn.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -34,18 +33,17 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from pipeline.cache.format import read_json, write_json_atomic
 from pipeline.errors import ConfigError, StrictModeError
 from pipeline.inputs.audio import AudioError, AudioPolicy, decode_audio
 from pipeline.inputs.conversation import BadSample, Message, parse_conversations
-from pipeline.inputs.prompt import render_chat
 from pipeline.inputs.shards import (
     RawSample,
     ShardReadError,
@@ -55,7 +53,8 @@ from pipeline.inputs.shards import (
     split_member_name,
     unreadable_shard,
 )
-from pipeline.targets.base import AudioTarget, load_target
+from pipeline.settings import setting
+from pipeline.targets import AudioTarget, Sampling, TargetInputs, load_target
 
 SUMMARY = "regenerate.json"
 _TAR_MTIME = 0  # fixed member metadata: the same input and settings give byte-identical output shards
@@ -64,18 +63,22 @@ _TAR_MODE = 0o444
 
 @dataclass
 class RegenerateConfig:
-    shards: str  # path, glob, brace pattern, comma list or URL of webdataset tar shards
-    out: Path
-    model: str = "tiny"  # "tiny", an HF id or a local model directory
-    max_new_tokens: int = 256
-    do_sample: bool = False  # greedy by default: the target's most likely answer
-    temperature: float = 1.0  # sampling only
-    top_p: float = 1.0  # sampling only
-    seed: int = 0  # sampling only: each sample and turn draws from its own generator seeded from this and the key
-    batch_size: int = 4  # samples generated together (left-padded); batches never span shards
-    strict: bool = False  # the first bad sample fails the job
-    dtype: str | None = None  # default bfloat16 on GPU, float32 on CPU
-    audio: AudioPolicy = field(default_factory=AudioPolicy)
+    shards: str = setting(help="webdataset shards: path, glob, brace pattern {000..009}, comma list or URL")
+    out: Path = setting(help="output directory for the regenerated shards (re-run the same command to resume)")
+    model: str = setting("tiny", "the target: an alias (tiny: the built-in test target), an HF id or a local directory")
+    max_new_tokens: int = setting(256, "longest answer per assistant turn")
+    do_sample: bool = setting(
+        False, "sample instead of greedy decoding (the target's most likely answer)", flag="sample"
+    )
+    temperature: float = setting(1.0, "with --sample")
+    top_p: float = setting(1.0, "with --sample")
+    seed: int = setting(0, "with --sample: each sample and turn draws from a generator seeded by this and its key")
+    batch_size: int = setting(4, "samples generated together (left-padded); batches never span shards")
+    strict: bool = setting(False, "fail on the first bad sample instead of skipping it")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = setting(
+        None, "model dtype (default: bfloat16 on GPU, float32 on CPU)"
+    )
+    audio: AudioPolicy = setting(factory=AudioPolicy)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -135,10 +138,6 @@ def run_regenerate(cfg: RegenerateConfig, target: AudioTarget | None = None) -> 
         raise ConfigError(f"several input shards are named {clashes}; outputs keep the basename, so rename them")
     dtype = cfg.dtype or ("bfloat16" if state.device.type == "cuda" else "float32")
     target = target or load_target(cfg.model, dtype, state.device)
-    if not hasattr(target, "model") or not hasattr(target, "processor"):
-        raise ConfigError(
-            f"regenerate needs an adapter with an HF .model and .processor; {type(target).__name__} has none"
-        )
     settings = generation_settings(cfg, str(target.dtype).removeprefix("torch."))
     generator = _Generator(target, cfg, settings)
     if state.is_main_process:
@@ -240,8 +239,7 @@ class _Sample:
     doc: dict | None = None  # the parsed json document; its assistant contents are replaced
     messages: list[Message] = field(default_factory=list)  # normalised, to render prompts from
     turns: list[int] = field(default_factory=list)  # conversation indexes of the assistant turns, in order
-    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # audio features, as the adapter made them
-    audio_tokens: int = 0
+    wave: np.ndarray | None = None  # the decoded clip
     answers: list[str] = field(default_factory=list)
     cut: list[int] = field(default_factory=list)  # turns whose answer hit max_new_tokens before an end token
     error: str | None = None
@@ -381,69 +379,24 @@ def turn_seed(seed: int, key: str, turn: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # torch seeds are < 2**63
 
 
-class _SeededSampler(LogitsProcessor):
-    """Sampling as greedy search over Gumbel-perturbed scores, one noise generator per row.
-
-    ``argmax(log p + Gumbel noise)`` is a draw from ``p`` (the Gumbel-max trick), so greedy search over the
-    warped scores plus noise draws from the same distribution as ``do_sample=True`` with the same temperature,
-    top-k and top-p (other warpers, e.g. min_p, are not applied). HF's sampler draws every row from one global
-    generator, so a row's answer would depend on its batch; here row r's t-th token always uses the t-th draw of
-    its own generator, whatever else is in the batch.
-    """
-
-    def __init__(self, seeds: list[int], temperature: float, top_k: int | None, top_p: float, device: torch.device):
-        self.warpers: list[LogitsProcessor] = []
-        if temperature != 1.0:
-            self.warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:  # as HF sampling does: the model's generation config may set one (Qwen2-Audio-Instruct: 20)
-            self.warpers.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(top_p))
-        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        size, device = scores.shape[-1], scores.device
-        # Exp(1) noise e gives Gumbel noise -log(e).
-        noise = torch.stack([torch.empty(size, device=device).exponential_(generator=g) for g in self.generators])
-        return scores - noise.log()
-
-
 class _Generator:
-    """Renders prompts, batches them with left padding and decodes the target's answers."""
+    """Builds each turn's prompt through the target and turns its generated tokens into answers."""
 
     def __init__(self, target: AudioTarget, cfg: RegenerateConfig, settings: dict):
         self.target, self.cfg, self.settings = target, cfg, settings
         self.model_id = target.name_or_path
         self.tokens_generated = 0  # this process's, for the throughput line
-        self.model = target.model  # type: ignore[attr-defined]
-        self.tokenizer = target.processor.tokenizer  # type: ignore[attr-defined]
-        self.chat_template = target.processor.chat_template  # type: ignore[attr-defined]
-        base = self.model.generation_config
-        self.eos_ids = _as_list(base.eos_token_id) or _as_list(self.tokenizer.eos_token_id)
-        pad = base.pad_token_id if base.pad_token_id is not None else self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
-        self.top_k = base.top_k
-        # The model's own generation config (end tokens, repetition penalty, ...) with our decoding on top. Sampling
-        # runs as greedy search over noised scores (_SeededSampler), so HF's own warpers stay off.
-        self.generation_config = copy.deepcopy(base)
-        self.generation_config.update(
-            max_new_tokens=cfg.max_new_tokens, do_sample=False, temperature=None, top_k=None, top_p=None
-        )
 
     def prepare(self, sample: _Sample, audio: AudioPolicy) -> None:
-        """Parse and decode a sample and extract its audio features; raises with the reason it is bad."""
+        """Parse and decode a sample; raises with the reason it is bad."""
         raw = sample.raw
         sample.messages = parse_conversations(raw.json)
         sample.doc = json.loads(raw.json)  # type: ignore[arg-type]  # parse_conversations checked it
         if raw.audio is None:
             raise BadSample("missing audio member (expected <key>.wav, .flac, .mp3 or .ogg)")
-        wave = decode_audio(raw.audio, audio, raw.audio_ext)
-        # The adapter's own preparation gives the features and the audio token count stage one will use.
-        inputs = self.target.prepare(sample.messages, wave, max_length=sys.maxsize)
-        sample.model_inputs = inputs.model_inputs
-        sample.audio_tokens = int((inputs.input_ids == self.target.audio_token_id).sum())
+        sample.wave = decode_audio(raw.audio, audio, raw.audio_ext)
+        # Rejected here if stage one would reject it: the whole conversation must render with its clip.
+        self.target.prepare(sample.messages, sample.wave, max_length=sys.maxsize)
         sample.turns = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"]
 
     def regenerate(self, batch: list[_Sample]) -> None:
@@ -475,64 +428,27 @@ class _Generator:
                 if cut:
                     sample.cut.append(sample.turns[k])
 
-    def prompt_ids(self, sample: _Sample, k: int) -> torch.Tensor:
-        """Ids of the conversation up to assistant turn ``k`` plus the generation prompt, earlier answers the
-        target's own, the audio placeholder expanded to one id per audio token."""
+    def prompt(self, sample: _Sample, k: int) -> TargetInputs:
+        """The conversation up to assistant turn ``k`` with the assistant header, earlier answers the target's own."""
         index = sample.turns[k]
         messages = list(sample.messages[:index])
         for turn, answer in zip(sample.turns[:k], sample.answers, strict=True):
             messages[turn] = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
-        text = render_chat(self.tokenizer, self.chat_template, messages, generation_prompt=True)
-        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        where = (ids == self.target.audio_token_id).nonzero().flatten()
-        if len(where) > 1:
-            raise BadSample(f"rendered prompt holds {len(where)} audio placeholders; expected at most 1")
-        if len(where) == 0:
-            return ids  # the clip comes in a later user turn: this answer is text-only
-        at = int(where[0])
-        audio = torch.full((sample.audio_tokens,), self.target.audio_token_id, dtype=ids.dtype)
-        return torch.cat([ids[:at], audio, ids[at + 1 :]])
+        assert sample.wave is not None  # prepared
+        return self.target.generation_inputs(messages, sample.wave, max_length=sys.maxsize)
 
-    @torch.no_grad()
     def _generate(self, samples: list[_Sample], k: int) -> list[tuple[str, int, bool]]:
-        prompts = [self.prompt_ids(s, k) for s in samples]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every row's next token is at the same column
-            ids[row, width - len(p) :] = p
-            mask[row, width - len(p) :] = 1
-        device = self.model.device
-        # Features only for the rows whose prompt holds the clip; the model fills audio positions in row order.
-        with_audio = [
-            s.model_inputs for s, p in zip(samples, prompts, strict=True) if (p == self.target.audio_token_id).any()
-        ]
-        features = (
-            {name: torch.cat([m[name] for m in with_audio]).to(device) for name in with_audio[0]} if with_audio else {}
-        )
-        processors = LogitsProcessorList()
+        prompts = [self.prompt(s, k) for s in samples]
+        sampling = None
         if self.cfg.do_sample:
-            seeds = [turn_seed(self.cfg.seed, s.raw.key, s.turns[k]) for s in samples]
-            processors.append(_SeededSampler(seeds, self.cfg.temperature, self.top_k, self.cfg.top_p, device))
-        out = self.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            **features,
-            generation_config=self.generation_config,
-            logits_processor=processors,
-        )
-        return [self._decode(row[width:].cpu()) for row in out]
+            seeds = tuple(turn_seed(self.cfg.seed, s.raw.key, s.turns[k]) for s in samples)
+            sampling = Sampling(seeds, self.cfg.temperature, self.cfg.top_p)
+        generated = self.target.generate(prompts, self.cfg.max_new_tokens, sampling)
+        return [self._answer(tokens) for tokens in generated]
 
-    def _decode(self, new: torch.Tensor) -> tuple[str, int, bool]:
+    def _answer(self, tokens: list[int]) -> tuple[str, int, bool]:
         """(answer text, tokens generated, whether max_new_tokens cut it before an end token)."""
-        ends = torch.isin(new, torch.tensor(self.eos_ids)).nonzero().flatten()
-        tokens = new[: int(ends[0])] if len(ends) else new
+        ended = bool(tokens) and tokens[-1] in self.target.eos_token_ids
         # Special tokens a model may emit mid-answer (the audio placeholder above all) would corrupt the text.
-        text = self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text, len(tokens) + (1 if len(ends) else 0), not len(ends)
-
-
-def _as_list(ids) -> list[int]:
-    if ids is None:
-        return []
-    return [int(i) for i in ids] if isinstance(ids, list | tuple) else [int(ids)]
+        text = self.target.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
+        return text, len(tokens), not ended

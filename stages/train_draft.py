@@ -10,30 +10,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from pipeline.train.loop import TrainConfig, train
 from stages.exits import user_errors
+from stages.flags import add_flags, config_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cache", help="cache directory written by `just dump-hidden`")
-    p.add_argument("--config", help="JSON file with TrainConfig fields")
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("cache", "extra"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true", default=None)
-        else:
-            kind = {"int": int, "float": float, "list[int] | None": ints, "int | None": int}.get(f.type, str)
-            p.add_argument(flag, type=kind, default=None, help=f"default: {f.default}")
-    a = vars(p.parse_args(argv))
-    fields = json.loads(open(a.pop("config")).read()) if a.get("config") else {}
-    a.pop("config", None)
-    fields.update({k: v for k, v in a.items() if v is not None})
-    return TrainConfig(**fields)
+    p.add_argument("--config", type=Path, help="JSON file of TrainConfig fields; flags given here override it")
+    add_flags(p, TrainConfig, positional=("cache",))
+    known, _ = p.parse_known_args(argv)
+    if known.config:  # the file's values become the defaults the flags override
+        p.set_defaults(**config_file(known.config, p))
+    return config_from_args(TrainConfig, p.parse_args(argv), p)
+
+
+def config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        parser.error(f"--config {path}: {err}")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        parser.error(f"--config {path}: not TrainConfig fields: {unknown}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> None:

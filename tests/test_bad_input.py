@@ -18,6 +18,8 @@ from pipeline.cache.reader import open_cache
 from pipeline.inputs.shards import iter_raw_samples
 from tests.conftest import REPO, run_stage, write_tar
 
+pytestmark = pytest.mark.slow  # each test launches a stage
+
 VALID_SHARD = REPO / "data/sample/shards/sample-000000.tar"
 POISON_WORD = "Zyxwvut"  # spelled only by the poisoned sample, so only its states go NaN
 

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-import zarr
 
-from pipeline.cache.format import CodecConfig
 from pipeline.cache.reader import CachePart, open_cache
 from pipeline.train.data import (
     LoaderConfig,
-    ZarrSource,
     coalesce,
     count_batches,
     eval_fraction,
@@ -157,7 +151,7 @@ def test_every_sample_once_per_epoch(reference_cache, cache, split):
 
 
 def test_held_out_split_is_disjoint_and_stable(cache):
-    every = [k for part in cache.parts for k in part.read_commit()["keys"]]
+    every = [k for part in cache.parts for k in part.read_commit().keys]
     train, held = split_keys(cache, "train", 10.0), split_keys(cache, "eval", 10.0)
     assert set(train).isdisjoint(held) and sorted(train + held) == sorted(every)
     assert 0 < len(held) < len(every) // 2
@@ -208,45 +202,3 @@ def test_rejects_layers_not_in_the_cache(reference_cache):
         make_loader(reference_cache, LoaderConfig(layers=[3]), "train", 0)
     with pytest.raises(ValueError, match="audio_embeds"):
         LoaderConfig(layers=[2], audio_embeds="zeros")
-
-
-def _reverse_blocks(frame: bytes) -> bytes:
-    """The same blosc frame with its blocks stored in reverse order (as multi-threaded compression may store them)."""
-    nbytes, blocksize, cbytes = struct.unpack("<III", frame[4:16])
-    n = -(-nbytes // blocksize)
-    starts = list(struct.unpack(f"<{n}i", frame[16 : 16 + 4 * n]))
-    ends = [*starts[1:], cbytes]
-    body, new_starts = b"", [0] * n
-    for j in reversed(range(n)):
-        new_starts[j] = 16 + 4 * n + len(body)
-        body += frame[starts[j] : ends[j]]
-    return frame[:16] + struct.pack(f"<{n}i", *new_starts) + body
-
-
-def test_partial_block_decoding_equals_zarr(tmp_path):
-    """Rows decoded block by block from the chunk files equal a zarr slice, whatever the blocks' storage order,
-    for stored-as-is (incompressible) chunks and for chunks never written."""
-    h, chunk = 4096, 256  # bf16 at the real hidden size: 2 MiB chunks of 16 blosc blocks
-    gen = torch.Generator().manual_seed(0)
-    data = torch.randn(4 * chunk, h, generator=gen).to(torch.bfloat16).view(torch.uint16).numpy()
-    data[2 * chunk : 3 * chunk] = np.random.default_rng(0).integers(0, 2**16, (chunk, h), dtype=np.uint16)
-    store = zarr.storage.LocalStore(tmp_path / "part")
-    array = zarr.create_array(
-        store, name="final_hidden", shape=(5 * chunk, h), chunks=(chunk, h), dtype=np.uint16,
-        compressors=[CodecConfig().compressor(2)], fill_value=0,
-    )  # fmt: skip
-    array[: 4 * chunk] = data  # the fifth chunk is never written
-    first = tmp_path / "part" / "final_hidden" / "c" / "1" / "0"
-    first.write_bytes(_reverse_blocks(first.read_bytes()))
-    source = ZarrSource(SimpleNamespace(parts=[CachePart(tmp_path / "part", 0)], manifest={}))
-    expected = array[:]
-    rng = np.random.default_rng(1)
-    for start, stop in [(0, 5 * chunk), (3, 9), (250, 530), (chunk + 17, chunk + 18), *rng.integers(0, 1280, (20, 2))]:
-        start, stop = sorted((int(start), int(stop)))
-        pieces = [(at, rows.copy()) for at, rows in source.pieces(0, "final_hidden", start, stop)]
-        assert [at for at, _ in pieces][:1] == ([start] if stop > start else [])
-        got = np.concatenate([rows for _, rows in pieces]) if pieces else np.empty((0, h), np.uint16)
-        assert np.array_equal(got, expected[start:stop]), (start, stop)
-    before = source.decoded_bytes
-    list(source.pieces(0, "final_hidden", 10, 12))
-    assert source.decoded_bytes - before <= 2 * chunk * h // 16  # one or two blocks, not the 2 MiB chunk

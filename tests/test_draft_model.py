@@ -231,7 +231,8 @@ def test_export_sglang(model, tmp_path):
 
 
 def test_export_speculators(model, tmp_path):
-    out = export_speculators(model, model.config, tmp_path / "spec", "Qwen/Qwen2-Audio-7B-Instruct", 5)
+    verifier = ["Qwen2AudioForConditionalGeneration"]
+    out = export_speculators(model, model.config, tmp_path / "spec", "Qwen/Qwen2-Audio-7B-Instruct", verifier, 5)
     c, tensors, _ = read_export(out)
     check_weights(model, tensors, "layers.0")
     assert c["architectures"] == ["Eagle3Speculator"] and c["speculators_model_type"] == "eagle3"

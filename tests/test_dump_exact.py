@@ -49,6 +49,7 @@ def test_float32_cache_equals_direct_forward(reference_cache, tiny_dir, index):
     assert_matches_forward(open_cache(reference_cache), index, tiny_dir, torch.float32)
 
 
+@pytest.mark.slow  # a dump of its own
 def test_bfloat16_cache_is_bit_exact(tmp_path, tiny_dir):
     shard = str(REPO / "data/sample/shards/sample-000001.tar")
     run_stage("stages.dump_hidden", shard, str(tmp_path / "c"), "--dtype", "bfloat16", "--layers", "1,2,4,5,7")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.cache.format import COMMIT, PARTS
@@ -44,6 +45,7 @@ def committed(out: Path) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_kill_during_dump_then_rerun_equals_uninterrupted(tmp_path, reference_cache):
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "stages.dump_hidden", SAMPLE_SHARDS, str(out), "--chunk-tokens", "16"]
@@ -64,6 +66,7 @@ def test_kill_during_dump_then_rerun_equals_uninterrupted(tmp_path, reference_ca
     assert json.loads((out / "manifest.json").read_text())["counts"]["samples"] == 36
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_dump_redoes_nothing(tmp_path):
     out = tmp_path / "cache"
     shard = str(REPO / "data/sample/shards/sample-000000.tar")
@@ -74,6 +77,7 @@ def test_rerun_of_a_finished_dump_redoes_nothing(tmp_path):
     assert (commit.stat().st_mtime_ns, commit.read_text()) == before
 
 
+@pytest.mark.distributed
 def test_two_torchrun_ranks_equal_one_rank(tmp_path, reference_cache):
     out = tmp_path / "cache"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -93,11 +97,11 @@ def test_two_torchrun_ranks_equal_one_rank(tmp_path, reference_cache):
 
 def test_cache_opens_without_touching_samples(reference_cache, monkeypatch):
     """Opening reads the manifest only: no commit file and no array is read until a sample is asked for."""
-    import pipeline.cache as cache_module
+    import pipeline.cache.format as cache_format
 
     reads = []
-    real = cache_module.read_json
-    monkeypatch.setattr(cache_module, "read_json", lambda p: reads.append(Path(p).name) or real(p))
+    real = cache_format.read_json
+    monkeypatch.setattr(cache_format, "read_json", lambda p: reads.append(Path(p).name) or real(p))
     cache = open_cache(reference_cache)
     assert reads == ["manifest.json"] and len(cache) == 36
     cache[35]

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import run_stage
 
+pytestmark = pytest.mark.slow
+
 
 def test_small_quality_run_is_lossless_and_the_draft_is_accepted(tmp_path):
     root = tmp_path / "quality"

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from pipeline.errors import ConfigError, StrictModeError
 from pipeline.inputs.audio import AudioPolicy, decode_audio
 from pipeline.inputs.shards import iter_raw_samples
 from pipeline.regenerate import RegenerateConfig, rejects_name, run_regenerate
-from pipeline.targets.base import load_target
+from pipeline.targets import load_target
 from tests.conftest import REPO, SAMPLE_SHARDS, run_stage, write_tar
 
 MAX_NEW_TOKENS = 8
@@ -40,14 +41,20 @@ def reference(tmp_path_factory, target) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def hf(tiny_dir):
+    """The tiny target's processor and model loaded straight from transformers, apart from the adapter."""
+    return AutoProcessor.from_pretrained(tiny_dir), Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir).eval()
+
+
 def samples_of(path: Path) -> dict:
     return {s.key: s for s in iter_raw_samples(str(path))}
 
 
-def direct_answer(target, turns: list[dict], wave) -> str:
+def direct_answer(hf, turns: list[dict], wave) -> str:
     """What the HF model generates greedily for the conversation ``turns`` (ending in a user turn), built with the
     processor's own chat template and audio expansion, one sample at a time."""
-    processor, model = target.processor, target.model
+    processor, model = hf
     text = processor.tokenizer.apply_chat_template(
         turns, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=True
     )
@@ -58,7 +65,7 @@ def direct_answer(target, turns: list[dict], wave) -> str:
     return processor.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def test_answers_equal_the_targets_own_greedy_generate(reference, target):
+def test_answers_equal_the_targets_own_greedy_generate(reference, hf):
     two_turn = 0
     for name in SHARD_NAMES[:2]:
         source, regenerated = samples_of(REPO / "data/sample/shards" / name), samples_of(reference / name)
@@ -81,10 +88,10 @@ def test_answers_equal_the_targets_own_greedy_generate(reference, target):
             for i in assistant:
                 # The prompt holds the regenerated answers of the earlier turns, not the dataset's.
                 prompt = [*doc["conversations"][:i]]
-                assert doc["conversations"][i]["content"] == direct_answer(target, prompt, wave), f"{key} turn {i}"
+                assert doc["conversations"][i]["content"] == direct_answer(hf, prompt, wave), f"{key} turn {i}"
                 assert doc["conversations"][i]["content"] != turns[i]["content"]
                 if i != assistant[0]:  # the test can tell: the dataset's earlier answers give another answer
-                    assert doc["conversations"][i]["content"] != direct_answer(target, turns[:i], wave)
+                    assert doc["conversations"][i]["content"] != direct_answer(hf, turns[:i], wave)
     assert two_turn == 2  # clip-005 and clip-017
 
 
@@ -92,6 +99,7 @@ def tars(out: Path) -> list[Path]:
     return sorted(out.glob("*.tar"))
 
 
+@pytest.mark.slow
 def test_kill_during_run_then_rerun_equals_uninterrupted(tmp_path, reference, target):
     out = tmp_path / "out"
     args = ["stages.regenerate", SAMPLE_SHARDS, str(out), "--max-new-tokens", str(MAX_NEW_TOKENS)]

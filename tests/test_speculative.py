@@ -12,19 +12,20 @@ from pipeline.draft.export import load_sglang_export
 from pipeline.draft.model import DraftConfig, Eagle3Draft, draft_vocab_from_counts
 from pipeline.draft.teacher import Teacher
 from pipeline.draft.ttt_loss import TrainingTimeTest, replay_decoding, teacher_targets
+from pipeline.errors import PipelineError
+from pipeline.evaluate import eval_draft
+from pipeline.evaluate.eval_draft import EvalConfig, iter_prompts, run_eval
 from pipeline.evaluate.speculative import (
     DraftContext,
     Eagle3Proposer,
     SpecConfig,
     SpecResult,
-    eos_token_ids,
     plain_greedy,
     speculative_generate,
 )
-from pipeline.targets.base import load_target
+from pipeline.targets import TargetInputs, load_target
 from pipeline.train.loop import TrainConfig, train
-from stages import eval_draft
-from stages.eval_draft import EvalConfig, iter_prompts
+from stages import eval_draft as eval_stage
 from tests.conftest import SAMPLE_SHARDS
 
 K = 7
@@ -46,10 +47,10 @@ def target(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def prompts(target) -> list[tuple[str, dict, list[int]]]:
-    """(key, inputs, plain greedy tokens) for four sample prompts."""
+def prompts(target) -> list[tuple[str, TargetInputs, list[int]]]:
+    """(key, prompt, plain greedy tokens) for four sample prompts."""
     items = iter_prompts(target, EvalConfig(draft="", shards=SAMPLE_SHARDS, limit=4), None, [])
-    return [(key, inputs, plain_greedy(target.model, inputs, MAX_NEW).tokens) for key, inputs in items]
+    return [(key, inputs, plain_greedy(target, inputs, MAX_NEW).tokens) for key, inputs in items]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def trained_draft(trained_run) -> Eagle3Draft:
 
 def random_draft(target) -> Eagle3Draft:
     torch.manual_seed(0)
-    config = DraftConfig.from_text_config(target.model.config.text_config.to_dict(), target.default_layers(), 256)
+    config = DraftConfig.from_text_config(target.identity()["draft_defaults"], target.default_layers(), 256)
     draft = Eagle3Draft(config).eval()
     counts = torch.randint(0, 1000, (target.vocab_size,), generator=torch.Generator().manual_seed(0))
     draft.set_draft_vocab(*draft_vocab_from_counts(counts, 256))  # a scattered draft vocab: d2t is exercised
@@ -94,7 +95,7 @@ def test_eagle3_draft_is_lossless(request, target, prompts, which):
     draft = random_draft(target) if which == "untrained" else request.getfixturevalue("trained_draft")
     accepted = 0
     for key, inputs, plain in prompts:
-        result = speculative_generate(target.model, draft, inputs, cfg=SpecConfig(K, MAX_NEW))
+        result = speculative_generate(target, draft, inputs, cfg=SpecConfig(K, MAX_NEW))
         assert result.tokens == plain, key
         check_bookkeeping(result)
         accepted += sum(result.accepted)
@@ -118,7 +119,7 @@ def test_fast_draft_path_equals_the_training_code_path(target, prompts, trained_
         return tokens
 
     for _, inputs, _ in prompts[:2]:
-        assert speculative_generate(target.model, trained_draft, inputs, cfg=SpecConfig(K, MAX_NEW), propose=compare)
+        assert speculative_generate(target, trained_draft, inputs, cfg=SpecConfig(K, MAX_NEW), propose=compare)
     assert rounds > 4
 
 
@@ -128,7 +129,7 @@ def test_fast_draft_path_equals_the_training_code_path(target, prompts, trained_
 def test_oracle_proposer_gives_tau_k_plus_one(target, prompts):
     for key, inputs, plain in prompts:
         oracle = lambda ctx, k, plain=plain: plain[generated(ctx) : generated(ctx) + k]  # noqa: E731
-        result = speculative_generate(target.model, None, inputs, cfg=SpecConfig(K, MAX_NEW), propose=oracle)
+        result = speculative_generate(target, None, inputs, cfg=SpecConfig(K, MAX_NEW), propose=oracle)
         assert result.tokens == plain, key
         check_bookkeeping(result)
         assert all(n == K + 1 for n in result.accepted_lengths[:-1]), result.accepted_lengths
@@ -145,7 +146,7 @@ def test_always_wrong_proposer_gives_tau_one_and_the_same_output(target, prompts
             at = [min(generated(ctx) + j, len(plain) - 1) for j in range(k)]
             return [(plain[i] + 1) % vocab for i in at]
 
-        result = speculative_generate(target.model, None, inputs, cfg=SpecConfig(K, MAX_NEW), propose=wrong)
+        result = speculative_generate(target, None, inputs, cfg=SpecConfig(K, MAX_NEW), propose=wrong)
         assert result.tokens == plain, key
         check_bookkeeping(result)
         assert result.tau == 1 and set(result.accepted_lengths) == {1} and sum(result.accepted) == 0
@@ -155,16 +156,16 @@ def test_always_wrong_proposer_gives_tau_one_and_the_same_output(target, prompts
 def test_partly_right_proposals_keep_exactly_the_agreeing_prefix(target, prompts):
     """Round r proposes r % (K+1) right tokens then a wrong one: every rollback length from 0 to K is taken."""
     _, inputs, plain = next(p for p in prompts if len(p[2]) == MAX_NEW)
-    long_plain = plain_greedy(target.model, inputs, 3 * MAX_NEW).tokens
+    long_plain = plain_greedy(target, inputs, 3 * MAX_NEW).tokens
     max_new = len(long_plain)
-    assert not set(long_plain) & set(eos_token_ids(target.model))  # no early stop: the rounds below are exact
+    assert not set(long_plain) & set(target.eos_token_ids)  # no early stop: the rounds below are exact
 
     def partly(ctx: DraftContext, k: int) -> list[int]:
         g, right = generated(ctx), ctx.round % (K + 1)
         wrong = (long_plain[min(g + right, max_new - 1)] + 1) % target.vocab_size  # cut by k if past the end
         return [*long_plain[g : g + right], wrong][:k]
 
-    result = speculative_generate(target.model, None, inputs, cfg=SpecConfig(K, max_new), propose=partly)
+    result = speculative_generate(target, None, inputs, cfg=SpecConfig(K, max_new), propose=partly)
     assert result.tokens == long_plain
     expected, done = [], 1
     while done < max_new:
@@ -179,9 +180,9 @@ def test_eos_mid_round_stops_both_decoders_after_it(target, prompts):
     at = next(i for i in range(2, K) if plain[i] not in plain[:i])  # first seen in the middle of round one
     eos = [plain[at]]
     expected = plain[: at + 1]
-    assert plain_greedy(target.model, inputs, MAX_NEW, eos=eos).tokens == expected
+    assert plain_greedy(target, inputs, MAX_NEW, eos=eos).tokens == expected
     oracle = lambda ctx, k: plain[generated(ctx) : generated(ctx) + k]  # noqa: E731
-    result = speculative_generate(target.model, None, inputs, cfg=SpecConfig(K, MAX_NEW, eos), propose=oracle)
+    result = speculative_generate(target, None, inputs, cfg=SpecConfig(K, MAX_NEW, eos), propose=oracle)
     assert result.tokens == expected and result.accepted_lengths == [at]  # the round's drafts after EOS dropped
     check_bookkeeping(result)
 
@@ -192,7 +193,7 @@ def test_eos_mid_round_stops_both_decoders_after_it(target, prompts):
 def test_eval_stage_writes_metrics_and_plot(trained_run, tmp_path):
     out = tmp_path / "eval"
     args = [str(trained_run), SAMPLE_SHARDS, "--split", "all", "--limit", "2", "--max-new-tokens", "16"]
-    eval_draft.main([*args, "--out", str(out)])
+    eval_stage.main([*args, "--out", str(out)])
     report = json.loads((out / "eval.json").read_text())
     assert report["lossless"] and report["samples"] == 2 and report["model"] == "tiny"
     assert len(report["acceptance_rate"]) == K and report["tau"] >= 1
@@ -211,9 +212,9 @@ def test_eval_stage_fails_on_a_mismatch_and_names_the_sample(trained_run, tmp_pa
         return result
 
     monkeypatch.setattr(eval_draft, "speculative_generate", broken)
-    args = [str(trained_run / "draft"), SAMPLE_SHARDS, "--limit", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match="differs from plain greedy on 1 sample"):
-        eval_draft.main(args)
+    cfg = EvalConfig(str(trained_run / "draft"), SAMPLE_SHARDS, limit=1, max_new_tokens=4, out=str(tmp_path))
+    with pytest.raises(PipelineError, match="differs from plain greedy on 1 sample"):
+        run_eval(cfg)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert not report["lossless"] and report["mismatches"][0]["index"] == 3
     assert report["mismatches"][0]["key"] == report["per_sample"][0]["key"]
@@ -221,20 +222,21 @@ def test_eval_stage_fails_on_a_mismatch_and_names_the_sample(trained_run, tmp_pa
 
 
 @torch.no_grad()
-def teacher_forced_rows(target, draft: Eagle3Draft, inputs: dict, answer: list[int]) -> tuple[torch.Tensor, ...]:
+def teacher_forced_rows(
+    target, draft: Eagle3Draft, prompt: TargetInputs, answer: list[int]
+) -> tuple[torch.Tensor, ...]:
     """(right [1, T, K], loss mask [1, T]) of the training-time test on prompt + answer, with the inputs the
-    cache would hold for it (one full forward of the target, as the dump runs it)."""
-    ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
-    out = target.model.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                             output_hidden_states=True, use_cache=False)  # fmt: skip
-    states = out.hidden_states
+    cache would hold for it (the dump's forward: layer 0 is the merged input embeddings)."""
+    ids = torch.cat([prompt.input_ids, torch.tensor(answer)])
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[0, inputs["input_ids"].shape[1] :] = True
-    batch = {"input_ids": ids, "loss_mask": mask, "inputs_embeds": states[0], "final_hidden": out.last_hidden_state,
-             "aux": torch.cat([states[i] for i in draft.config.aux_layers], dim=-1)}  # fmt: skip
-    teacher = Teacher(target.model.get_output_embeddings().weight.float(), draft.d2t, draft.t2d)
+    mask[len(prompt.input_ids) :] = True
+    states = target.forward(TargetInputs(ids, mask, prompt.model_inputs), [0, *draft.config.aux_layers])
+    aux = torch.cat([states.hidden_states[i] for i in draft.config.aux_layers], dim=-1)
+    batch = {"input_ids": ids[None], "loss_mask": mask[None], "inputs_embeds": states.hidden_states[0][None],
+             "final_hidden": states.final_hidden[None], "aux": aux[None]}  # fmt: skip
+    teacher = Teacher(target.head_weights()["lm_head"].float(), draft.d2t, draft.t2d)
     _, _, right = TrainingTimeTest(draft, K)(batch, teacher_targets(teacher, batch))
-    return right, mask
+    return right, mask[None]
 
 
 @pytest.mark.parametrize("which", ["untrained", "trained"])
@@ -244,7 +246,7 @@ def test_replayed_decoding_from_teacher_forced_rows_equals_measured_decoding(req
     draft = random_draft(target) if which == "untrained" else request.getfixturevalue("trained_draft")
     passes = []
     for _, inputs, _ in prompts:
-        spec = speculative_generate(target.model, draft, inputs, cfg=SpecConfig(K, max_new_tokens=MAX_NEW))
+        spec = speculative_generate(target, draft, inputs, cfg=SpecConfig(K, max_new_tokens=MAX_NEW))
         right, mask = teacher_forced_rows(target, draft, inputs, spec.tokens)
         assert replay_decoding(right, mask, K) == (len(spec.tokens) - 1, len(spec.accepted_lengths))
         passes.append(spec.accepted_lengths)

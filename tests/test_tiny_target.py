@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+from pipeline.targets import load_target, model_aliases, resolve_model, target_adapters
+from pipeline.targets.qwen2_audio import Qwen2AudioTarget
 from pipeline.testing import tiny_target
 from pipeline.testing.tiny_target import (
     SPECIAL_TOKENS,
@@ -20,7 +22,6 @@ from pipeline.testing.tiny_target import (
     build_tiny_target,
     default_corpus,
     ensure_tiny_target,
-    resolve_model_path,
 )
 
 MANIFEST_ROWS = [
@@ -121,6 +122,7 @@ def test_deterministic_weights(tmp_path: Path, built: Path, corpus: list[str]) -
     assert (other / "model.safetensors").read_bytes() != (built / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_deterministic_across_processes(tmp_path: Path, built: Path, manifest: Path) -> None:
     # Rust hash maps in `tokenizers` are seeded per process: check the BPE does not depend on that.
     code = (
@@ -232,9 +234,30 @@ def test_ensure_tiny_target(tmp_path: Path, manifest: Path, monkeypatch) -> None
     assert ensure_tiny_target(manifest=manifest).parent == home
 
 
-def test_resolve_model_path(tmp_path: Path, monkeypatch) -> None:
+def test_tiny_is_a_model_alias_the_product_resolves(tmp_path: Path, monkeypatch) -> None:
+    """The installed entry point maps the name to the default tiny target; other names pass through."""
+    assert model_aliases()[TINY_MODEL_NAME].value == "pipeline.testing.tiny_target:ensure_tiny_target"
     monkeypatch.setenv("AUDIO_EAGLE_HOME", str(tmp_path))
-    path = Path(resolve_model_path(TINY_MODEL_NAME))
-    assert path.parent == tmp_path and (path / "config.json").is_file()
-    assert resolve_model_path("Qwen/Qwen2-Audio-7B-Instruct") == "Qwen/Qwen2-Audio-7B-Instruct"
-    assert resolve_model_path("/some/local/dir") == "/some/local/dir"
+    path = Path(resolve_model(TINY_MODEL_NAME))
+    assert path == ensure_tiny_target() and path.parent == tmp_path and (path / "config.json").is_file()
+    assert resolve_model("Qwen/Qwen2-Audio-7B-Instruct") == "Qwen/Qwen2-Audio-7B-Instruct"
+    assert resolve_model("/some/local/dir") == "/some/local/dir"
+
+
+class PluggedTarget(Qwen2AudioTarget):
+    """Stands for another package's adapter: the built-in one under another name."""
+
+
+def test_an_installed_package_plugs_an_adapter_in_by_model_type(tmp_path: Path, monkeypatch, tiny_dir) -> None:
+    """An entry point in "audio_eagle.targets" (here a package installed on sys.path) serves its model_type."""
+    assert target_adapters()["qwen2_audio"].value == "pipeline.targets.qwen2_audio:Qwen2AudioTarget"
+    assert type(load_target("tiny", "float32", "cpu")) is Qwen2AudioTarget
+    dist = tmp_path / "family_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: family-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[audio_eagle.targets]\nqwen2_audio = tests.test_tiny_target:PluggedTarget\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert target_adapters()["qwen2_audio"].value == "tests.test_tiny_target:PluggedTarget"
+    assert type(load_target("tiny", "float32", "cpu")) is PluggedTarget

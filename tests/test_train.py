@@ -19,6 +19,8 @@ from pipeline.draft.export import load_sglang_export
 from pipeline.train.loop import TrainConfig, train
 from tests.conftest import REPO, run_stage
 
+pytestmark = pytest.mark.slow  # every test here trains (module fixture) or launches stages
+
 SMALL = ["--draft-vocab-size", "256", "--max-tokens", "1024", "--num-workers", "0", "--eval-percent", "20"]
 
 
@@ -124,6 +126,7 @@ def test_kill_and_resume_equals_uninterrupted(reference_cache, tmp_path):
         assert torch.equal(clean[name], resumed[name]), name
 
 
+@pytest.mark.distributed
 def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(reference_cache, tmp_path):
     run_stage(*train_args(reference_cache, tmp_path, "one", "--grad-accum", "2", "--max-steps", "4"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
@@ -139,6 +142,7 @@ def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(reference_cache,
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.distributed
 def test_fsdp_shards_the_draft_equals_one_rank_and_resumes_exactly(reference_cache, tmp_path):
     steps = ["--max-steps", "4", "--checkpoint-every", "2", "--eval-every", "2"]
     run_stage(*train_args(reference_cache, tmp_path, "one", "--grad-accum", "2", *steps))
@@ -164,6 +168,7 @@ def test_fsdp_shards_the_draft_equals_one_rank_and_resumes_exactly(reference_cac
         assert torch.equal(sharded[name], resumed[name]), name
 
 
+@pytest.mark.distributed
 def test_a_ddp_checkpoint_resumes_under_fsdp(reference_cache, tmp_path):
     """Checkpoints hold full tensors keyed by name in both modes, so a DDP run can go on sharded."""
     steps = ["--max-steps", "4", "--checkpoint-every", "2", "--eval-every", "100"]

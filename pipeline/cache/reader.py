@@ -1,12 +1,13 @@
 """Reading a hidden-state cache: ``open_cache(path)`` -> a sequence of samples as torch tensors.
 
     c = open_cache("caches/sample")
-    len(c), c.info["captured_layers"]
+    len(c), c.info["captured_layers"], c.target   # c.manifest: the typed Manifest
     s = c[0]   # input_ids [T], loss_mask [T], hidden_states {layer: [T, H]}, final_hidden [T, H],
                # inputs_embeds [T, H] (audio positions filled with the merged audio embeddings), key, shard
 
 Opening reads the manifest only (one entry per part, none per sample); a part's commit file and arrays are
-opened on first use, so a cache of ten million samples opens as fast as one of ten.
+opened on first use, so a cache of ten million samples opens as fast as one of ten. Rows are read through
+``RowReader`` (``rows.py``), which refuses damaged chunks with a ``CacheError`` naming the part.
 """
 
 from __future__ import annotations
@@ -19,74 +20,58 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline.cache.format import (
     COMMIT,
     HEAD_WEIGHTS,
-    MANIFEST,
     PARTS,
     STORED_DTYPES,
+    Manifest,
+    PartCommit,
+    PartSummary,
     from_stored,
     hidden_name,
-    read_json,
 )
-from pipeline.errors import CacheError
+from pipeline.cache.rows import RowReader
 
 
 class CachePart:
     """The committed samples of one input shard."""
 
-    def __init__(self, path: Path, num_samples: int):
+    def __init__(self, path: Path, num_samples: int, shard: str):
         self.path = path
         self.num_samples = num_samples
-        self._arrays: dict[str, zarr.Array] = {}
+        self.shard = shard
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     @cached_property
-    def commit(self) -> dict:
+    def commit(self) -> PartCommit:
         return self.read_commit()
 
-    def read_commit(self) -> dict:
+    def read_commit(self) -> PartCommit:
         """``commit.json`` read afresh and not kept: a loader walking a huge cache holds only the parts in use."""
-        return read_json(self.path / COMMIT)
-
-    @cached_property
-    def group(self) -> zarr.Group:
-        return zarr.open_group(zarr.storage.LocalStore(self.path, read_only=True), mode="r")
-
-    def array(self, name: str) -> zarr.Array:
-        """One array of the part, opened once (opening reads and parses its metadata file)."""
-        if name not in self._arrays:
-            self._arrays[name] = self.group[name]
-        return self._arrays[name]
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Packed rows ``start:stop`` of one array in one read (a run of consecutive samples, split by offsets)."""
-        return self.array(name)[start:stop]
-
-    def rows(self, name: str, i: int, audio: bool = False) -> np.ndarray:
-        offsets = self.commit["audio_offsets" if audio else "token_offsets"]
-        return self.read_rows(name, offsets[i], offsets[i + 1])
+        return PartCommit.read(self.path / COMMIT)
 
     def release(self) -> None:
-        """Forget the commit and the open arrays (a loader walking many parts keeps only the recent ones open)."""
-        self._arrays.clear()
-        for name in ("commit", "group"):
-            self.__dict__.pop(name, None)
+        """Forget the commit (a loader walking many parts keeps only the recent ones)."""
+        self.__dict__.pop("commit", None)
 
 
 class HiddenStateCache:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, manifest: Manifest):
         self.root = root
-        self.manifest = read_json(root / MANIFEST)
-        self.layers: list[int] = self.manifest["captured_layers"]
-        self.dtype: str = self.manifest["dtype"]
-        self.audio_token_id: int = self.manifest["target"]["audio_token_id"]
-        parts = self.manifest.get("parts") if self.manifest.get("complete") else None
+        self.manifest = manifest
+        self.layers: list[int] = manifest.captured_layers
+        self.dtype: str = manifest.dtype
+        self.audio_token_id: int = manifest.audio_token_id
+        parts = manifest.parts if manifest.complete else None
         if parts is None:
             warnings.warn(f"{root}: the dump has not finished; reading the parts committed so far", stacklevel=3)
             parts = _scan_parts(root)
-        self.parts = [CachePart(root / PARTS / p["name"], p["samples"]) for p in parts]
+        self.parts = [CachePart(root / PARTS / p.name, p.samples, p.shard) for p in parts]
         self._starts = np.cumsum([0] + [p.num_samples for p in self.parts]).tolist()
 
     def __len__(self) -> int:
@@ -95,45 +80,59 @@ class HiddenStateCache:
     @property
     def target(self) -> dict:
         """The target as its adapter described itself at dump time (opaque to the cache: model family specifics)."""
-        return self.manifest["target"]
+        return self.manifest.target
 
     @property
     def info(self) -> dict:
         m = self.manifest
         return {
-            "model": m["target"]["name_or_path"],
-            "model_type": m["target"]["model_type"],
-            "hidden_size": m["hidden_size"],
-            "num_layers": m["num_layers"],
-            "vocab_size": m["vocab_size"],
+            "model": m.target.get("name_or_path"),
+            "model_type": m.target.get("model_type"),
+            "hidden_size": m.hidden_size,
+            "num_layers": m.num_layers,
+            "vocab_size": m.vocab_size,
             "captured_layers": self.layers,
             "dtype": self.dtype,
-            "codec": m["codec"],
+            "codec": m.codec.to_dict(),
             "num_samples": len(self),
-            "counts": m.get("counts", {}),
-            "complete": m.get("complete", False),
+            "counts": m.counts,
+            "complete": m.complete,
         }
 
-    def locate(self, index: int) -> tuple[CachePart, int]:
+    @cached_property
+    def rows(self) -> RowReader:
+        """The reader of the packed arrays (checked reads straight from the chunk files)."""
+        return RowReader(self)
+
+    def read_rows(self, part: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of one packed array of part ``part`` (stored dtype; bf16 as uint16)."""
+        return self.rows.read(part, name, start, stop)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(part, sample within the part) of sample ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range for a cache of {len(self)}")
         p = bisect.bisect_right(self._starts, index) - 1
-        return self.parts[p], index - self._starts[p]
+        return p, index - self._starts[p]
 
     def __getitem__(self, index: int) -> dict:
-        part, i = self.locate(index)
-        ids = torch.from_numpy(part.rows("input_ids", i).astype(np.int64))
-        hidden = {layer: from_stored(part.rows(hidden_name(layer), i), self.dtype) for layer in self.layers}
-        audio = from_stored(part.rows("audio_embeds", i, audio=True), self.dtype)
-        embeds = self.embed_tokens[ids]
-        embeds[ids == self.audio_token_id] = audio
+        p, i = self.locate(index)
+        commit = self.parts[p].commit
+        a, b = commit.token_offsets[i], commit.token_offsets[i + 1]
+        names = ["input_ids", "loss_mask", "final_hidden", *map(hidden_name, self.layers)]
+        audio_span = ("audio_embeds", commit.audio_offsets[i], commit.audio_offsets[i + 1])
+        spans = [*((name, a, b) for name in names), audio_span]
+        ids, mask, final, *hidden, audio = self.rows.read_many(p, spans)  # all chunks decoded in parallel
+        ids = torch.from_numpy(ids.astype(np.int64))
+        embeds = torch.index_select(self.embed_tokens, 0, ids)
+        embeds[(ids == self.audio_token_id).nonzero().squeeze(1)] = from_stored(audio, self.dtype).to(embeds.dtype)
         return {
-            "key": part.commit["keys"][i],
-            "shard": part.commit["shard"],
+            "key": commit.keys[i],
+            "shard": commit.shard,
             "input_ids": ids,
-            "loss_mask": torch.from_numpy(part.rows("loss_mask", i).astype(bool)),
-            "hidden_states": hidden,
-            "final_hidden": from_stored(part.rows("final_hidden", i), self.dtype),
+            "loss_mask": torch.from_numpy(mask.astype(bool)),
+            "hidden_states": {layer: from_stored(h, self.dtype) for layer, h in zip(self.layers, hidden, strict=True)},
+            "final_hidden": from_stored(final, self.dtype),
             "inputs_embeds": embeds,
         }
 
@@ -150,16 +149,18 @@ class HiddenStateCache:
 
 
 def open_cache(path: str | Path) -> HiddenStateCache:
+    """Open a cache from its manifest alone; ``CacheError`` if it is none, of another format version, or damaged."""
     root = Path(path)
-    if not (root / MANIFEST).exists():
-        raise CacheError(f"{root} is not a hidden-state cache (no {MANIFEST}); run `just dump-hidden` first")
-    return HiddenStateCache(root)
+    return HiddenStateCache(root, Manifest.read(root))
 
 
-def _scan_parts(root: Path) -> list[dict]:
+def _scan_parts(root: Path) -> list[PartSummary]:
+    """The parts of an unfinished dump, from their commit files."""
     parts = []
     for commit_path in sorted((root / PARTS).glob(f"*/{COMMIT}")):
-        parts.append({"name": commit_path.parent.name, "samples": len(read_json(commit_path)["keys"])})
+        c = PartCommit.read(commit_path)
+        name = commit_path.parent.name
+        parts.append(PartSummary(name, c.shard, c.num_samples, c.tokens, c.audio_tokens, c.raw_bytes, c.complete))
     return parts
 
 

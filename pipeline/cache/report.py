@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.cache.format import STORED_DTYPES
+from pipeline.cache.format import STORED_DTYPES, Manifest
 
 
 def reference_bytes_per_token(hidden_size: int, itemsize: int = 2) -> int:
@@ -12,31 +12,30 @@ def reference_bytes_per_token(hidden_size: int, itemsize: int = 2) -> int:
     return 4 * hidden_size * itemsize + 16
 
 
-def describe_dump(manifest: dict) -> str:
-    c = manifest.get("counts", {})
+def describe_dump(manifest: Manifest) -> str:
+    c = manifest.counts
     lines = [
-        f"cache: {'complete' if manifest.get('complete') else 'INCOMPLETE (re-run the same command to resume)'}",
+        f"cache: {'complete' if manifest.complete else 'INCOMPLETE (re-run the same command to resume)'}",
         f"  shards {c.get('shards_done', 0)}/{c.get('shards', 0)} done, samples {c.get('samples', 0)}, "
         f"tokens {c.get('tokens', 0)} (audio {c.get('audio_tokens', 0)}), rejected {c.get('rejected', 0)}",
     ]
     lines += _storage_lines(manifest)
-    lines += [f"  rejected {r['key']} ({r['shard']}): {r['reason']}" for r in manifest.get("rejects", [])[:50]]
-    if len(manifest.get("rejects", [])) > 50:
-        lines.append(f"  ... {len(manifest['rejects']) - 50} more rejects listed in manifest.json")
-    lines += [f"  UNREADABLE shard {e['shard']}: {e['error']}" for e in manifest.get("shard_errors", [])]
+    lines += [f"  rejected {r['key']} ({r['shard']}): {r['reason']}" for r in manifest.rejects[:50]]
+    if len(manifest.rejects) > 50:
+        lines.append(f"  ... {len(manifest.rejects) - 50} more rejects listed in manifest.json")
+    lines += [f"  UNREADABLE shard {e['shard']}: {e['error']}" for e in manifest.shard_errors]
     return "\n".join(lines)
 
 
-def _storage_lines(manifest: dict) -> list[str]:
-    c = manifest.get("counts", {})
+def _storage_lines(manifest: Manifest) -> list[str]:
+    c = manifest.counts
     tokens, stored, raw = c.get("tokens", 0), c.get("stored_bytes", 0), c.get("raw_bytes", 0)
     if not tokens:
         return []
-    h = manifest["hidden_size"]
-    ref = reference_bytes_per_token(h, np.dtype(STORED_DTYPES[manifest["dtype"]][0]).itemsize)
+    ref = reference_bytes_per_token(manifest.hidden_size, np.dtype(STORED_DTYPES[manifest.dtype][0]).itemsize)
     per_token = stored / tokens
     return [
-        f"  layers {manifest['captured_layers']}, dtype {manifest['dtype']}, codec {manifest['codec']}",
+        f"  layers {manifest.captured_layers}, dtype {manifest.dtype}, codec {manifest.codec.to_dict()}",
         f"  bytes on disk {stored / 1e6:.1f} MB, raw {raw / 1e6:.1f} MB, compression {raw / max(stored, 1):.2f}x",
         f"  bytes per token {per_token:.0f}, {per_token / ref:.2f}x the {ref} of reference per-sample files "
         f"(4 states + 16, same dtype)",

@@ -1,4 +1,8 @@
-"""Writing one part of a cache (the states of one input shard) and doing it off the forward's critical path.
+"""Writing a cache: its manifest (``create_or_resume``, ``CacheWriter.finalise``) and its parts, off the forward's
+critical path.
+
+``CacheWriter`` owns the manifest: ``create_or_resume`` writes it (and the target's head weights) or checks that
+an existing cache was made with the same settings; ``finalise`` gathers every part's commit into it at the end.
 
 ``PartWriter`` packs samples along the token axis, writes whole chunks as they fill (zarr compresses the chunks
 of one write in parallel threads), and commits after each write: ``commit.json`` then names the samples whose
@@ -10,25 +14,36 @@ for compression unless the writer falls behind by more than ``max_pending`` samp
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
+from safetensors.torch import save_file
 
 from pipeline.cache.format import (
     COMMIT,
+    HEAD_WEIGHTS,
+    MANIFEST,
+    PARTS,
     STORED_DTYPES,
     CodecConfig,
+    Manifest,
+    PartCommit,
+    PartSummary,
+    SampleStates,
     hidden_name,
-    read_json,
+    part_name,
     to_storable,
-    write_json_atomic,
 )
-from pipeline.targets.base import TargetStates
+from pipeline.errors import ConfigError
 
 FLUSH_CHUNKS = 16  # whole chunks buffered per array before a write and a commit: fewer, larger writes
 
@@ -41,7 +56,7 @@ class SampleRecord:
     position: int  # index of the sample in its shard, rejects included
     input_ids: np.ndarray  # [T] int32
     loss_mask: np.ndarray  # [T] uint8
-    states: TargetStates
+    states: SampleStates
 
     @property
     def num_bytes(self) -> int:
@@ -113,17 +128,16 @@ class PartWriter:
     ):
         self.path, self.shard, self.codec = path, shard, codec
         self.chunk = codec.chunk_tokens
-        commit = read_json(path / COMMIT) if (path / COMMIT).exists() else None
-        self.commit = commit or _empty_commit(shard)
-        self.commit.setdefault("writers", []).append(writer or {})  # which rank of which run wrote it
+        self.commit = PartCommit.read(path / COMMIT) if (path / COMMIT).exists() else PartCommit(shard)
+        self.commit.writers.append(writer or {})  # which rank of which run wrote it
         self.stats = stats or WriteStats()
         self._layers, self._hidden_size, self._dtype = layers, hidden_size, dtype
         self._streams: dict[str, _Stream] | None = None
         # Samples accepted but not yet committed: (key, position, token end, audio end); rejects wait with them.
         self.uncommitted: list[tuple[str, int, int, int]] = []
         self.pending_rejects: list[tuple[int, dict]] = []  # (samples cached before it, reject)
-        self.tokens_end = self.commit["token_offsets"][-1]
-        self.audio_end = self.commit["audio_offsets"][-1]
+        self.tokens_end = self.commit.tokens
+        self.audio_end = self.commit.audio_tokens
         self.raw_bytes = 0
 
     @property
@@ -139,34 +153,38 @@ class PartWriter:
                 "audio_embeds": (state, (self._hidden_size,)),
                 **{hidden_name(i): (state, (self._hidden_size,)) for i in self._layers},
             }
-            rows = {"audio_embeds": self.commit["audio_offsets"][-1]}
+            rows = {"audio_embeds": self.commit.audio_tokens}
             self._streams = {
-                name: _Stream(self._array(group, name, dt, tail), rows.get(name, self.commit["token_offsets"][-1]))
+                name: _Stream(self._array(group, name, dt, tail), rows.get(name, self.commit.tokens))
                 for name, (dt, tail) in specs.items()
             }
         return self._streams
 
     def _array(self, group: zarr.Group, name: str, dtype, tail: tuple) -> zarr.Array:
+        # Every chunk is stored, all-zero ones included (zarr skips those by default): a reader can then tell a
+        # missing chunk (damage) from one that was never written.
+        config = {"write_empty_chunks": True}
         if name in group:
-            return group[name]
+            return group[name].with_config(config)
         return group.create_array(
             name,
             shape=(0, *tail),
             chunks=(self.chunk * (1 if tail else 16), *tail),  # ids and masks are tiny: longer chunks
             dtype=dtype,
-            compressors=[self.codec.compressor(np.dtype(dtype).itemsize)],
+            compressors=self.codec.compressors(np.dtype(dtype).itemsize),
             fill_value=0,
             attributes={"torch_dtype": self._dtype if tail else str(np.dtype(dtype))},
+            config=config,
         )
 
     @property
     def complete(self) -> bool:
-        return self.commit["complete"]
+        return self.commit.complete
 
     @property
     def position(self) -> int:
         """Samples of the shard already dealt with (cached or rejected) and committed."""
-        return self.commit["position"]
+        return self.commit.position
 
     def append(self, record: SampleRecord) -> None:
         s = record.states
@@ -187,7 +205,7 @@ class PartWriter:
             self._flush(everything=False)
 
     def reject(self, key: str, position: int, reason: str) -> None:
-        before = len(self.commit["keys"]) + len(self.uncommitted)
+        before = self.commit.num_samples + len(self.uncommitted)
         self.pending_rejects.append((before, {"key": key, "position": position, "reason": reason}))
         if not self.uncommitted:
             self._commit(next_position=position + 1)
@@ -195,10 +213,10 @@ class PartWriter:
     def finish(self, error: str | None = None) -> None:
         """Write every buffered row and mark the part complete (``error``: the shard could not be read to its end)."""
         self._flush(everything=True)
-        self.commit["complete"] = True
-        self.commit["error"] = error
-        write_json_atomic(self.path / COMMIT, self.commit)
-        self.stats.finished_raw += self.commit["raw_bytes"]
+        self.commit.complete = True
+        self.commit.error = error
+        self.commit.write(self.path / COMMIT)
+        self.stats.finished_raw += self.commit.raw_bytes
         self.stats.finished_stored += sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
     def _flush(self, everything: bool) -> None:
@@ -213,35 +231,20 @@ class PartWriter:
         c = self.commit
         while self.uncommitted and self.uncommitted[0][2] <= tok_done and self.uncommitted[0][3] <= audio_done:
             key, position, tok_end, audio_end = self.uncommitted.pop(0)
-            c["keys"].append(key)
-            c["positions"].append(position)
-            c["token_offsets"].append(tok_end)
-            c["audio_offsets"].append(audio_end)
-            c["position"] = position + 1
-        while self.pending_rejects and self.pending_rejects[0][0] <= len(c["keys"]):
+            c.keys.append(key)
+            c.positions.append(position)
+            c.token_offsets.append(tok_end)
+            c.audio_offsets.append(audio_end)
+            c.position = position + 1
+        while self.pending_rejects and self.pending_rejects[0][0] <= c.num_samples:
             reject = self.pending_rejects.pop(0)[1]
-            c["rejects"].append(reject)
-            c["position"] = max(c["position"], reject["position"] + 1)
+            c.rejects.append(reject)
+            c.position = max(c.position, reject["position"] + 1)
         if next_position is not None and not self.uncommitted:
-            c["position"] = max(c["position"], next_position)
-        c["raw_bytes"] = c.get("raw_bytes", 0) + self.raw_bytes
+            c.position = max(c.position, next_position)
+        c.raw_bytes += self.raw_bytes
         self.raw_bytes = 0
-        write_json_atomic(self.path / COMMIT, c)
-
-
-def _empty_commit(shard: str) -> dict:
-    return {
-        "shard": shard,
-        "keys": [],
-        "positions": [],
-        "token_offsets": [0],
-        "audio_offsets": [0],
-        "rejects": [],
-        "position": 0,
-        "raw_bytes": 0,
-        "complete": False,
-        "error": None,
-    }
+        c.write(self.path / COMMIT)
 
 
 class BackgroundWriter:
@@ -281,3 +284,100 @@ class BackgroundWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+# ------------------------------------------------------------------------------------------------ the manifest
+
+# Manifest fields that must match to resume a cache: anything else would mix two kinds of samples in one cache.
+RESUME_FIELDS = (
+    "format_version",
+    "audio_token_id",
+    "hidden_size",
+    "num_layers",
+    "vocab_size",
+    "captured_layers",
+    "dtype",
+    "codec",
+    "settings",
+)
+
+
+class CacheWriter:
+    """A cache being written: its manifest and one ``PartWriter`` per input shard (``manifest.shards``).
+
+    Every rank holds one (built from the same manifest); only the main process calls ``create_or_resume`` and
+    ``finalise``."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root, self.manifest = root, manifest
+
+    def part(self, shard: str, writer: dict | None = None, stats: WriteStats | None = None) -> PartWriter:
+        """The writer of ``shard``'s part, resumed at its first uncommitted sample. ``writer``: who writes it."""
+        m = self.manifest
+        path = self.root / PARTS / part_name(shard)
+        return PartWriter(path, shard, m.captured_layers, m.hidden_size, m.dtype, m.codec, writer, stats)
+
+    def finalise(self) -> Manifest:
+        """Gather every part's commit into the manifest; it says complete only if every shard is done."""
+        m = self.manifest
+        m.parts, m.rejects, m.shard_errors = [], [], []
+        for shard in m.shards:
+            name = part_name(shard)
+            if not (self.root / PARTS / name / COMMIT).exists():
+                continue
+            c = PartCommit.read(self.root / PARTS / name / COMMIT)
+            m.parts.append(PartSummary(name, shard, c.num_samples, c.tokens, c.audio_tokens, c.raw_bytes, c.complete))
+            m.rejects += [{**r, "shard": shard} for r in c.rejects]
+            if c.error:
+                m.shard_errors.append({"shard": shard, "error": c.error})
+        m.counts = {
+            "shards": len(m.shards),
+            "shards_done": sum(p.complete for p in m.parts),
+            "samples": sum(p.samples for p in m.parts),
+            "tokens": sum(p.tokens for p in m.parts),
+            "audio_tokens": sum(p.audio_tokens for p in m.parts),
+            "rejected": len(m.rejects),
+            "reject_reasons": dict(Counter(r["reason"].split(":")[0] for r in m.rejects)),
+            "unreadable_shards": len(m.shard_errors),
+            "stored_bytes": sum(f.stat().st_size for f in (self.root / PARTS).rglob("*") if f.is_file()),
+            "raw_bytes": sum(p.raw_bytes for p in m.parts),
+        }
+        m.complete = m.counts["shards_done"] == len(m.shards)
+        m.write(self.root)
+        return m
+
+
+def create_or_resume(
+    root: Path, manifest: Manifest, head_weights: Callable[[], dict[str, torch.Tensor]]
+) -> CacheWriter:
+    """Create the cache at ``root`` (manifest and the target's head weights), or check that the cache already
+    there was made with the same settings and mark it unfinished again (the dump resumes it).
+
+    ``head_weights``: ``embed_tokens``, ``norm``, ``lm_head`` of the target, asked for only when creating."""
+    try:
+        (root / PARTS).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the cache directory {root}: {err}") from None
+    if (root / MANIFEST).exists():
+        changed = _differences(Manifest.read(root), manifest)
+        if changed:
+            raise ConfigError(
+                f"{root} holds a cache made with other settings ({', '.join(changed)} differ); "
+                "re-run with the original settings to resume it, or choose another --out"
+            )
+    else:
+        weights = {k: v.contiguous().clone() for k, v in head_weights().items()}
+        save_file(weights, root / HEAD_WEIGHTS)
+    manifest.complete = False
+    manifest.write(root)
+    return CacheWriter(root, manifest)
+
+
+def _differences(old: Manifest, new: Manifest) -> list[str]:
+    """The settings in which two manifests differ (compared as stored: tuples become lists, keys strings)."""
+    a, b = old.to_dict(), json.loads(json.dumps(new.to_dict()))
+    changed = [name for name in RESUME_FIELDS if a[name] != b[name]]
+    # The target's identity is opaque here: all of it must match, except the name it was loaded by.
+    if {**a["target"], "name_or_path": None} != {**b["target"], "name_or_path": None}:
+        changed.append("target model")
+    return changed

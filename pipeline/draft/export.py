@@ -17,7 +17,7 @@ SGLang (``--speculative-algorithm EAGLE3 --speculative-draft-model-path DIR``), 
     *before* layer ``i + 1``, i.e. the output of layer i = HF ``hidden_states[i + 1]``. So SGLang id = HF index - 1.
   - SpecForge ``specforge/modeling/draft/llama3_eagle.py`` (module names, ``t2d`` bool / ``d2t`` int64 buffers),
     ``specforge/export/to_sglang.py`` (state dict as is, embeddings dropped, ``model.safetensors``),
-    ``configs/qwen2.5-7b-eagle3.json`` (the config fields: a Llama config with ``architectures``
+    its example draft configs ``configs/*-eagle3.json`` (the fields: a Llama config with ``architectures``
     ``["LlamaForCausalLMEagle3"]``, ``num_hidden_layers`` 1, ``draft_vocab_size``, ``tie_word_embeddings`` false).
 
 vLLM speculators format (``vllm serve DIR`` or ``--speculative-config '{"model": DIR}'``):
@@ -36,7 +36,7 @@ vLLM speculators format (``vllm serve DIR`` or ``--speculative-config '{"model":
     which defaults to **true** when absent, so we write ``false`` explicitly.
   - vllm ``model_executor/models/llama_eagle3.py``: loads ``layers.0.*`` (and ``midlayer.*``), ``fc`` (in =
     3 * ``target_hidden_size``), ``d2t`` as ``draft_id_to_target_id``, skips ``t2d``.
-  - vllm ``model_executor/models/llama.py`` / ``qwen2.py``: ``if idx in aux_hidden_state_layers:
+  - vllm ``model_executor/models/llama.py`` and its other decoders: ``if idx in aux_hidden_state_layers:
     aux.append(hidden_states + residual)`` *before* layer ``idx`` runs, i.e. HF ``hidden_states[idx]``.
     So speculators id = HF index (= SGLang id + 1).
 
@@ -57,7 +57,6 @@ from pipeline.draft.model import DraftConfig, Eagle3Draft
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-VERIFIER_ARCHITECTURES = ["Qwen2AudioForConditionalGeneration"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -130,10 +129,15 @@ def export_speculators(
     config: DraftConfig,
     out_dir: str | Path,
     target_name_or_path: str,
+    target_architectures: list[str],
     speculative_tokens: int,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
-    """vLLM speculators layout: ``config.json`` (speculators eagle3) + ``model.safetensors`` (layers.0.*)."""
+    """vLLM speculators layout: ``config.json`` (speculators eagle3) + ``model.safetensors`` (layers.0.*).
+
+    ``target_architectures``: the target's HF architectures (its config's ``architectures``), recorded as the
+    verifier's.
+    """
     _check_servable(config)
     cfg = {
         "architectures": ["Eagle3Speculator"],
@@ -154,7 +158,7 @@ def export_speculators(
                 }
             ],
             "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": target_name_or_path, "architectures": VERIFIER_ARCHITECTURES},
+            "verifier": {"name_or_path": target_name_or_path, "architectures": list(target_architectures)},
         },
         "torch_dtype": _dtype_name(dtype),
     }

@@ -58,7 +58,7 @@ class DraftConfig:
         max_position_embeddings: int = 8192,
     ) -> DraftConfig:
         """A draft layer shaped like one layer of the target (the paper's choice); pass the target's norm eps
-        and RoPE base to match it (Qwen2-Audio-7B's text config says 1e-5 and 10000)."""
+        and RoPE base to match it (a 7B Qwen2 text config says 1e-5 and 10000)."""
         return cls(
             target_hidden_size=hidden_size,
             hidden_size=hidden_size,
@@ -76,7 +76,8 @@ class DraftConfig:
 
     @classmethod
     def from_text_config(cls, text: dict, aux_layers: list[int], draft_vocab_size: int = 32000) -> DraftConfig:
-        """From the target's (text) HF config as a dict, e.g. a cache manifest's ``target.config.text_config``."""
+        """From a Llama-style layer config as a dict: the ``draft_defaults`` a target adapter records in the cache
+        manifest (``cache.target["draft_defaults"]``), or any HF text config."""
         rope = text.get("rope_parameters") or {}
         return cls.from_target(
             text["hidden_size"],

@@ -1,7 +1,8 @@
 """The draft vocabulary of a cache: the N target tokens seen most often under the loss mask.
 
-Counting reads only the 1-D ``input_ids`` and ``loss_mask`` arrays of each part, never a hidden state, so it costs
-a few bytes per token. The result is stored once per cache and size, next to the parts:
+Counting reads only the committed rows of the 1-D ``input_ids`` and ``loss_mask`` arrays of each part (through the
+cache's checked reader), never a hidden state, so it costs a few bytes per token. The result is stored once per
+cache and size, next to the parts:
 
     CACHE/draft_vocab/size-<N>.safetensors   d2t [N] int64, t2d [V] bool, counts [V] int64
                                              metadata: num_samples (of the cache when counted)
@@ -29,16 +30,17 @@ def count_masked_tokens(cache: HiddenStateCache) -> torch.Tensor:
     """How often each target id occurs under the loss mask, over every committed sample -> [vocab] int64."""
     vocab = cache.info["vocab_size"]
     counts = np.zeros(vocab, dtype=np.int64)
-    for part in cache.parts:
+    for p, part in enumerate(cache.parts):
         # The arrays may hold rows past the last commit (a crashed or running writer): count committed rows only.
-        end = part.commit["token_offsets"][-1]
-        ids_array, mask_array = part.group["input_ids"], part.group["loss_mask"]
+        end = part.commit.tokens
         for start in range(0, end, READ_ROWS):
             stop = min(start + READ_ROWS, end)
-            ids = ids_array[start:stop][mask_array[start:stop].astype(bool)].astype(np.int64)
+            mask = cache.read_rows(p, "loss_mask", start, stop).astype(bool)
+            ids = cache.read_rows(p, "input_ids", start, stop)[mask].astype(np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise ValueError(f"{part.path}: token id out of range for a vocab of {vocab}")
             counts += np.bincount(ids, minlength=vocab)
+        cache.rows.done(p)
     return torch.from_numpy(counts)
 
 

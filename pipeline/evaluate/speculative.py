@@ -1,4 +1,4 @@
-"""Greedy EAGLE-3 speculative decoding with a transformers target (batch size 1), for evaluating a draft.
+"""Greedy EAGLE-3 speculative decoding with a target adapter (batch size 1), for evaluating a draft.
 
 One round: a proposer drafts up to K tokens as a chain; the target verifies them all in ONE forward over its KV
 cache and keeps the longest prefix that agrees with its own greedy argmax, plus its own next token (the "bonus");
@@ -7,9 +7,10 @@ floating-point ties between batched and one-token forwards), whatever the propos
 
 Bookkeeping, with n = tokens the target has processed so far:
     tokens[0..n]  prompt + generated ids; tokens[n] is the pending token (the target's choice, not yet fed to it)
-    aux[0..n-1]   the target's concatenated aux hidden states (HF ``hidden_states[l]`` for l in aux_layers)
-    embeds[0..n]  the draft's input embeddings: the target's merged input embeddings (prefill ``hidden_states[0]``,
-                  audio features at audio positions, as SGLang feeds) for prompt tokens, ``embed_tokens`` after
+    aux[0..n-1]   the target's concatenated aux hidden states (layers ``aux_layers``, HF hidden_states indices)
+    embeds[0..n]  the draft's input embeddings: the target's merged input embeddings (the prefill's
+                  ``input_embeds``: audio features at audio positions, as SGLang feeds) for prompt tokens,
+                  ``embed_tokens`` after
 The EAGLE-3 draft reads row t = (aux[t], embeds[t+1]) and predicts token t+2, as in training (``ttt_loss``).
 """
 
@@ -21,18 +22,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import DynamicCache, GenerationConfig
 
 from pipeline.draft.model import Eagle3Draft, TTTCache, apply_rotary
 from pipeline.draft.ttt_loss import shift_left
+from pipeline.targets.base import AudioTarget, StepOutput, TargetInputs
 
 
 @dataclass
 class SpecConfig:
     num_draft_tokens: int = 7  # K: draft tokens proposed per round (the chain length)
     max_new_tokens: int = 64
-    eos_token_ids: list[int] | None = None  # None: the target's generation_config (then its config)
+    eos_token_ids: list[int] | None = None  # None: the target's
     # What the draft reads at audio positions: the merged audio embeddings (what SGLang feeds a multimodal draft)
     # or the placeholder token's embedding (what a text-only server would feed).
     audio_embeds: str = "merged"
@@ -52,7 +52,7 @@ class DraftContext:
     prompt_len: int
     aux: torch.Tensor  # [n, k*H] the target's aux states of the n processed tokens
     embeds: torch.Tensor  # [n+1, H] the draft's input embedding of every token
-    embed_tokens: nn.Module  # the target's token embedding table (for the tokens a proposer drafts)
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor]  # the target's token embeddings (of drafted tokens)
     round: int  # 0 on the first round of a generation: stateful proposers reset there
 
 
@@ -101,15 +101,6 @@ class GreedyResult:
         return len(self.tokens) / self.wall_s if self.wall_s > 0 else float("nan")
 
 
-def eos_token_ids(target_model: nn.Module) -> list[int]:
-    """The ids that end generation: generation_config's (Qwen Instruct: <|endoftext|>, <|im_end|>), else config's."""
-    for source in (getattr(target_model, "generation_config", None), target_model.config.get_text_config()):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    return []
-
-
 class Eagle3Proposer:
     """The EAGLE-3 draft's greedy chain, with the training-time test's semantics (``ttt_loss``/``ttt_attention``).
 
@@ -155,8 +146,7 @@ class Eagle3Proposer:
         return embeds, self.draft.project(ctx.aux[lo:hi].to(p.device, p.dtype)[None])
 
     def _embed(self, ctx: DraftContext, token: int) -> torch.Tensor:
-        w = ctx.embed_tokens.weight
-        e = ctx.embed_tokens(torch.tensor([[token]], device=w.device))
+        e = ctx.embed_tokens(torch.tensor([[token]], device=ctx.tokens.device))
         return e.to(self.draft.fc.weight.device, self.draft.fc.weight.dtype)
 
     def _token(self, logits: torch.Tensor) -> int:
@@ -245,23 +235,23 @@ class _Buffers:
     generated: list[int] = field(default_factory=list)
 
 
-def _aux(hidden_states: tuple[torch.Tensor, ...], layers: list[int], rows: int) -> torch.Tensor:
+def _aux(out: StepOutput, layers: list[int], rows: int) -> torch.Tensor:
     if not layers:
-        return hidden_states[0][0, :rows, :0]
-    return torch.cat([hidden_states[i][0, :rows] for i in layers], dim=-1)
+        return out.input_embeds[:rows, :0]
+    return torch.cat([out.hidden_states[i][:rows] for i in layers], dim=-1)
 
 
 @torch.no_grad()
 def speculative_generate(
-    target_model: nn.Module,
+    target: AudioTarget,
     draft: Eagle3Draft | None,
-    inputs: dict[str, torch.Tensor],
+    prompt: TargetInputs,
     aux_layers: list[int] | None = None,
     cfg: SpecConfig | None = None,
     propose: Proposer | None = None,
 ) -> SpecResult:
-    """Greedy speculative decoding of one prompt; ``inputs`` holds ``input_ids`` [1, T], ``attention_mask`` and
-    the audio inputs (``input_features``, ``feature_attention_mask``), on the target's device.
+    """Greedy speculative decoding of one prompt (``input_ids`` [T] and the audio inputs, e.g. from
+    ``target.generation_inputs``).
 
     ``propose`` defaults to ``Eagle3Proposer(draft)``; ``aux_layers`` (HF hidden_states indices) to the draft's.
     """
@@ -272,31 +262,31 @@ def speculative_generate(
         propose = Eagle3Proposer(draft)
     if aux_layers is None:
         aux_layers = list(draft.config.aux_layers) if draft is not None else []
-    ids = inputs["input_ids"]
-    if ids.shape[0] != 1:
-        raise ValueError(f"batch size 1 only, got input_ids of shape {tuple(ids.shape)}")
-    eos = set(cfg.eos_token_ids if cfg.eos_token_ids is not None else eos_token_ids(target_model))
-    embed_tokens = target_model.get_input_embeddings()
-    K, T, device = cfg.num_draft_tokens, ids.shape[1], ids.device
+    if prompt.input_ids.dim() != 1:
+        raise ValueError(f"one prompt only: input_ids of shape [T], got {tuple(prompt.input_ids.shape)}")
+    eos = set(cfg.eos_token_ids if cfg.eos_token_ids is not None else target.eos_token_ids)
+    device = target.device
+    ids = prompt.input_ids.to(device)
+    K, T = cfg.num_draft_tokens, len(ids)
     start = time.perf_counter()
 
-    # Prefill: the only pass that sees the audio; its hidden_states[0] are the merged input embeddings.
-    kv = DynamicCache(config=target_model.config)
-    out = target_model(**inputs, cache=kv, use_cache=True, output_hidden_states=True)
+    # Prefill: the only pass that sees the audio; its input embeddings are the merged ones.
+    kv = target.new_cache()
+    out = target.forward_step(ids, kv, aux_layers, prompt.model_inputs)
     forwards = 1
-    aux = _aux(out.hidden_states, aux_layers, T)
+    aux = _aux(out, aux_layers, T)
     capacity = T + cfg.max_new_tokens + K + 1
     buf = _Buffers(
         tokens=torch.empty(capacity, dtype=torch.long, device=device),
         aux=aux.new_empty(capacity, aux.shape[-1]),
-        embeds=out.hidden_states[0].new_empty(capacity, out.hidden_states[0].shape[-1]),
+        embeds=out.input_embeds.new_empty(capacity, out.input_embeds.shape[-1]),
     )
-    prompt_embeds = out.hidden_states[0][0] if cfg.audio_embeds == "merged" else embed_tokens(ids)[0]
-    buf.tokens[:T], buf.aux[:T], buf.embeds[:T] = ids[0], aux, prompt_embeds
-    first = int(out.logits[0, -1].argmax())
+    prompt_embeds = out.input_embeds if cfg.audio_embeds == "merged" else target.embed_tokens(ids)
+    buf.tokens[:T], buf.aux[:T], buf.embeds[:T] = ids, aux, prompt_embeds
+    first = int(out.logits[-1].argmax())
     n = T  # tokens the target has processed; buf.tokens[n] is pending
     buf.tokens[n] = first
-    buf.embeds[n] = embed_tokens(buf.tokens[n : n + 1])[0]
+    buf.embeds[n] = target.embed_tokens(buf.tokens[n : n + 1])[0]
     buf.generated.append(first)
     done = first in eos or cfg.max_new_tokens <= 1
 
@@ -305,18 +295,17 @@ def speculative_generate(
         # Never propose what could not be emitted: the round emits up to k + 1 tokens.
         k = min(K, cfg.max_new_tokens - len(buf.generated) - 1)
         ctx = DraftContext(
-            buf.tokens[: n + 1], T, buf.aux[:n], buf.embeds[: n + 1], embed_tokens, len(accepted_lengths)
+            buf.tokens[: n + 1], T, buf.aux[:n], buf.embeds[: n + 1], target.embed_tokens, len(accepted_lengths)
         )
         t0 = time.perf_counter()
         proposal = [int(t) for t in propose(ctx, k)][:k] if k > 0 else []
         draft_s += time.perf_counter() - t0
 
         # Verify: feed the pending token and the proposals; logits row j is the target's choice after input j.
-        verify = torch.tensor([[buf.generated[-1], *proposal]], device=device)  # the pending token is the last
-        mask = torch.ones(1, n + verify.shape[1], dtype=torch.long, device=device)
-        out = target_model(input_ids=verify, attention_mask=mask, cache=kv, use_cache=True, output_hidden_states=True)
+        verify = torch.tensor([buf.generated[-1], *proposal], device=device)  # the pending token is the last
+        out = target.forward_step(verify, kv, aux_layers)
         forwards += 1
-        choice = out.logits[0].argmax(-1).tolist()
+        choice = out.logits.argmax(-1).tolist()
         a = 0
         while a < len(proposal) and proposal[a] == choice[a]:
             a += 1
@@ -325,13 +314,13 @@ def speculative_generate(
             accepted[j] += j < a
             reached[j] += j <= a
         if len(proposal) > a:
-            kv.crop(-(len(proposal) - a))  # transformers 5: a negative count removes that many tokens
+            target.crop_cache(kv, n + a + 1)  # keep the pending token and the accepted drafts
         new = [*proposal[:a], choice[a]]
         # The target has now processed the pending token and the accepted drafts; the bonus is the new pending.
-        buf.aux[n : n + a + 1] = _aux(out.hidden_states, aux_layers, a + 1)
+        buf.aux[n : n + a + 1] = _aux(out, aux_layers, a + 1)
         new_ids = torch.tensor(new, device=device)
         buf.tokens[n + 1 : n + a + 2] = new_ids
-        buf.embeds[n + 1 : n + a + 2] = embed_tokens(new_ids[None])[0]
+        buf.embeds[n + 1 : n + a + 2] = target.embed_tokens(new_ids)
         n += a + 1
         emitted = 0
         for t in new:
@@ -343,8 +332,7 @@ def speculative_generate(
         accepted_lengths.append(emitted)
         done = done or len(buf.generated) >= cfg.max_new_tokens
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     return SpecResult(
         tokens=buf.generated,
         accepted_lengths=accepted_lengths,
@@ -357,32 +345,20 @@ def speculative_generate(
     )
 
 
-@torch.no_grad()
 def plain_greedy(
-    target_model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens: int, eos: list[int] | None = None
+    target: AudioTarget, prompt: TargetInputs, max_new_tokens: int, eos: list[int] | None = None
 ) -> GreedyResult:
-    """``generate(do_sample=False)``: the lossless reference and the tokens/s baseline.
+    """The target's own greedy decoding: the lossless reference and the tokens/s baseline.
 
-    Run under a bare generation config (only eos and pad ids): ``generate`` fills every unset option from the
-    model's own generation config, so a hub config's penalties (``repetition_penalty``, ``no_repeat_ngram_size``,
-    suppressed tokens) would otherwise change what greedy means.
+    Pure argmax (``checkpoint_settings=False``): a checkpoint's generation settings (``repetition_penalty``,
+    ``no_repeat_ngram_size``, suppressed tokens) would otherwise change what greedy means.
     """
-    eos = eos if eos is not None else eos_token_ids(target_model)
-    pad = getattr(target_model.generation_config, "pad_token_id", None)
-    bare = GenerationConfig(eos_token_id=eos or None, pad_token_id=pad if pad is not None else (eos or [None])[0])
-    saved, target_model.generation_config = target_model.generation_config, bare
     start = time.perf_counter()
-    try:
-        out = target_model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
-    finally:
-        target_model.generation_config = saved
-    if out.device.type == "cuda":
-        torch.cuda.synchronize(out.device)
-    wall = time.perf_counter() - start
-    tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
-    # generate pads finished rows; with one row nothing follows the first eos, but be exact about it.
-    for i, t in enumerate(tokens):
-        if t in eos:
-            tokens = tokens[: i + 1]
-            break
-    return GreedyResult(tokens, wall)
+    tokens = target.generate([prompt], max_new_tokens, eos_token_ids=eos, checkpoint_settings=False)[0]
+    _synchronize(target.device)
+    return GreedyResult(tokens, time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # wall times must include the queued GPU work
+        torch.cuda.synchronize(device)

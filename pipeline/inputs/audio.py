@@ -1,4 +1,4 @@
-"""Decode audio bytes into the mono 16 kHz float32 waveform Qwen2-Audio's Whisper extractor expects.
+"""Decode audio bytes into a mono float32 waveform at the target's rate (16 kHz for Whisper-style encoders).
 
 libsndfile (via soundfile) reads wav, flac, ogg vorbis/opus and mp3 straight from memory, so that is the
 only decoder on the normal path. Containers it does not know (m4a/aac, webm, ...) fall back to audioread,
@@ -18,15 +18,20 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from pipeline.settings import setting
+
 # libsndfile's SF_ERR_UNRECOGNISED_FORMAT: the only open failure worth handing to another decoder.
 _SF_UNRECOGNISED_FORMAT = 1
 
 
 @dataclass(frozen=True)
 class AudioPolicy:
-    sampling_rate: int = 16000
-    max_seconds: float = 30.0  # Whisper's feature extractor pads/truncates to 30 s anyway
-    overlong: Literal["cut", "reject"] = "cut"
+    sampling_rate: int = setting(16000, "decode to this rate (the target's)", flag=None)
+    # Whisper-style feature extractors pad or cut to 30 s anyway
+    max_seconds: float = setting(30.0, "longest clip used", flag="max-audio-seconds")
+    overlong: Literal["cut", "reject"] = setting(
+        "cut", "a clip over --max-audio-seconds is cut to it, or rejected", flag="overlong-audio"
+    )
 
     def __post_init__(self) -> None:
         if self.sampling_rate <= 0:

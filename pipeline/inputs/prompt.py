@@ -1,7 +1,7 @@
 """Token ids and the loss mask of a conversation, rendered with the target's own chat template.
 
 The loss mask covers the assistant turns' tokens (their end-of-turn token included) and nothing else. It is
-found without any template cooperation (no ``{% generation %}`` block, which the stock Qwen2-Audio template
+found without any template cooperation (no ``{% generation %}`` block, which a stock chat template
 lacks): an assistant turn's text is what rendering the conversation up to that turn adds after rendering the
 turns before it with the generation prompt. Character spans then map to tokens through the offsets of a fast
 tokenizer. This works for any chat template whose renderings are prefixes of each other.

@@ -29,6 +29,8 @@ from transformers import (
 
 logger = logging.getLogger(__name__)
 
+# The model alias that stands for `ensure_tiny_target()` (entry point "audio_eagle.model_aliases" in
+# pyproject.toml): `--model tiny` and `load_target("tiny", ...)` load this target.
 TINY_MODEL_NAME = "tiny"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -324,9 +326,3 @@ def ensure_tiny_target(
         except FileExistsError:
             pass  # built concurrently by another process
     return out_dir
-
-
-def resolve_model_path(model: str) -> str:
-    """Map TINY_MODEL_NAME to the default tiny target's directory (built if needed); return anything else
-    (an HF id or a local directory) unchanged."""
-    return str(ensure_tiny_target()) if model == TINY_MODEL_NAME else model

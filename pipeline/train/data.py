@@ -19,54 +19,70 @@ How an epoch is planned (from metadata only, identically in every rank and DataL
 
 Reads: a worker reads only the samples of its own batches (any other sample is some other worker's), straight
 into the batch tensors, which live in shared memory, so handing a batch to the main process copies nothing.
-Decompression runs in the workers. A sample's first and last chunks mostly hold its neighbours' rows (which go to
-other batches), so the reader decodes only the blosc blocks (128 KiB of rows) that hold its rows, read straight
-from the chunk files; a zarr slice would decode whole chunks (1.5x the work for ~500-token samples in 256-token
-chunks) into fresh arrays. Samples that touch in a part share their reads.
+Decompression runs in the workers, through the cache's own row reader (``pipeline.cache.rows.RowReader``: checked
+chunks, only the blosc blocks that hold the wanted rows decoded); samples that touch in a part share their reads.
+Damaged data stops the loader with a ``CacheError`` naming the part, never zeros.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import json
 import math
-import struct
-import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
-import numcodecs.blosc
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from zarr.codecs import BloscCodec, BytesCodec
-from zarr.core.common import ZARR_JSON
 
 from pipeline.cache.format import STORED_DTYPES, hidden_name
 from pipeline.cache.reader import HiddenStateCache, open_cache
+from pipeline.cache.rows import RowReader
+from pipeline.settings import setting
 
 Split = Literal["train", "eval"]
+
+
+# Settings the loader shares with the training run (``TrainConfig``): defined once here, fields in both.
+def max_tokens_setting():
+    return setting(8192, "padded tokens (batch x longest sample) per micro-batch; a longer sample is cut to this")
+
+
+def audio_embeds_setting():
+    return setting(
+        "merged",
+        "what the draft reads at audio positions: the cached merged audio embeddings (what SGLang feeds a served "
+        "draft) or the placeholder token's embedding (what text-only trainers use)",
+    )
+
+
+def eval_percent_setting():
+    return setting(5.0, "held-out share of samples, chosen by a hash of the key (stable across runs)")
+
+
+def num_workers_setting():
+    return setting(2, "DataLoader worker processes that read and decode the cache")
+
+
+def seed_setting():
+    return setting(0, "seed of the draft's initialisation and of the data order")
 
 
 @dataclass
 class LoaderConfig:
     layers: list[int]  # HF hidden_states indices concatenated into ``aux``, in this order; must be in the cache
-    max_tokens: int = 8192  # padded tokens (B * T_max) per micro-batch; a longer sample is cut to this
+    max_tokens: int = max_tokens_setting()
     max_length: int | None = None  # cut every sample to this many tokens
-    # "merged": the cached merged audio embeddings at audio positions (what SGLang feeds the draft when serving);
-    # "placeholder": embed_tokens[input_ids] everywhere, as text-only trainers do.
-    audio_embeds: Literal["merged", "placeholder"] = "merged"
-    eval_percent: float = 2.0  # held-out share, decided per sample by a hash of its key (stable across runs)
-    num_workers: int = 2
+    audio_embeds: Literal["merged", "placeholder"] = audio_embeds_setting()
+    eval_percent: float = eval_percent_setting()
+    num_workers: int = num_workers_setting()
     prefetch_factor: int = 4  # batches in flight per worker
-    seed: int = 0
+    seed: int = seed_setting()
     shuffle_window: int = 4096  # samples sorted by length together; larger: less padding, better mixing
     mix_parts: int = 8  # parts (shards) drawn from at once
     # Drop the epoch's last incomplete round of world_size batches, so that every rank gets as many batches (ranks
@@ -119,7 +135,7 @@ def split_keys(cache: HiddenStateCache, split: Split, eval_percent: float) -> li
 
 
 def _part_keys(part) -> list[str]:
-    return part.read_commit()["keys"][: part.num_samples]
+    return part.read_commit().keys[: part.num_samples]
 
 
 # ------------------------------------------------------------------------------------------------------ planning
@@ -173,10 +189,10 @@ def _part_refs(cache: HiddenStateCache, p: int, split: Split, eval_percent: floa
     if part.num_samples == 0:
         return []
     commit = part.read_commit()
-    tok, aud = commit["token_offsets"], commit["audio_offsets"]
+    tok, aud = commit.token_offsets, commit.audio_offsets
     return [
         SampleRef(p, i, key, tok[i], min(tok[i + 1] - tok[i], limit), aud[i], aud[i + 1])
-        for i, key in enumerate(commit["keys"][: part.num_samples])
+        for i, key in enumerate(commit.keys[: part.num_samples])
         if in_split(key, split, eval_percent)
     ]
 
@@ -230,7 +246,7 @@ def _whole_rounds(batches: Iterable[list[SampleRef]], n: int) -> Iterator[list[S
 
 
 class PackedSource(Protocol):
-    """Rows of a part's packed arrays. The cache's Zarr arrays; the benchmark plugs in raw copies."""
+    """Rows of a part's packed arrays: the cache's ``RowReader``; the benchmark plugs in raw copies."""
 
     def pieces(self, part: int, name: str, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
         """Rows ``start:stop`` as consecutive (first row, rows) pieces, each valid until the next is produced."""
@@ -243,164 +259,6 @@ class PackedSource(Protocol):
     def done(self, part: int) -> None:
         """The walk has moved on from this part (a hint: close what it holds)."""
         ...
-
-
-class ZarrSource:
-    """The cache's own arrays, read from the chunk files: only the compressed blosc blocks holding the wanted rows
-    are read and decoded (c-blosc's ``blosc_getitem``), into reused buffers. Arrays stored otherwise (other
-    codecs, sharding, another byte order) are read with a zarr slice."""
-
-    def __init__(self, cache: HiddenStateCache):
-        self.cache = cache
-        self.layouts: dict[str, _Layout | None] = {}  # per array name, from the first part that has it
-        self.checked: dict[tuple[int, str], _Layout | None] = {}  # (part, name) -> its layout if it is the same
-        self.scratch: dict[tuple, np.ndarray] = {}
-        self.raw = np.empty(0, np.uint8)  # one compressed chunk (only the parts of it that are needed)
-        self.decoded_bytes = 0  # what was decompressed, wanted or not (the benchmark reports the overhead)
-
-    def pieces(self, part: int, name: str, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        layout = self._layout(part, name)
-        if layout is None:
-            rows = self.cache.parts[part].read_rows(name, start, stop)
-            self.decoded_bytes += rows.nbytes
-            yield start, rows
-            return
-        chunk = layout.chunk
-        out = self.scratch.get(layout.scratch_key)
-        if out is None:
-            out = self.scratch[layout.scratch_key] = np.empty((chunk, *layout.row_shape), layout.dtype)
-        directory = self.cache.parts[part].path / name
-        for c in range(start // chunk, -(-stop // chunk)):
-            lo, hi = max(start - c * chunk, 0), min(stop - c * chunk, chunk)
-            self._decode(directory / layout.chunk_key(c), out, lo, hi, layout.fill_value)
-            yield c * chunk + lo, out[lo:hi]
-
-    def _layout(self, part: int, name: str) -> _Layout | None:
-        """How the part stores the array, if we may read its chunk files directly (else None: zarr reads it).
-
-        Every part of a cache is written alike, so the array is opened with zarr once per name; for the other
-        parts their metadata file is only compared with that one (opening with zarr costs ~1 ms per array: it
-        would dominate the first batch, which touches a dozen parts)."""
-        if (part, name) not in self.checked:
-            meta = json.loads((self.cache.parts[part].path / name / ZARR_JSON).read_bytes())
-            meta.pop("shape", None)  # the one field that differs between parts
-            if name not in self.layouts:
-                self.layouts[name] = _Layout.of(self.cache.parts[part].array(name), meta)
-            layout = self.layouts[name]
-            self.checked[part, name] = layout if layout is not None and layout.meta == meta else None
-        return self.checked[part, name]
-
-    def chunk_rows(self, name: str) -> int:
-        # spans are decoded block by block: merging two reads only pays when they touch
-        return 1 if _blosc_getitem() else int(self.cache.manifest["codec"]["chunk_tokens"])
-
-    def done(self, part: int) -> None:
-        self.cache.parts[part].release()
-        for name in [n for p, n in self.checked if p == part]:
-            del self.checked[part, name]
-
-    def _decode(self, path: Path, out: np.ndarray, lo: int, hi: int, fill_value) -> None:
-        """Rows ``lo:hi`` of the chunk stored at ``path`` into ``out[lo:hi]``."""
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:  # never written: zarr's fill value
-            out[lo:hi] = fill_value
-            return
-        with f:
-            head = f.read(16)
-            version, flags, typesize = head[0], head[2], head[3]
-            nbytes, blocksize, cbytes = struct.unpack("<III", head[4:16])
-            row = out.nbytes // len(out)
-            begin, end = lo * row, hi * row
-            if len(self.raw) < cbytes:
-                self.raw = np.empty(max(cbytes, 2 * len(self.raw)), np.uint8)
-            raw = self.raw
-            raw[:16] = np.frombuffer(head, np.uint8)
-            getitem = _blosc_getitem()
-            partial_decode = (
-                getitem is not None
-                and version == 2  # c-blosc 1 frame
-                and not flags & _BLOSC_MEMCPYED
-                and nbytes == out.nbytes
-                and blocksize > 0
-                and (begin, end) != (0, nbytes)
-                and begin % typesize == 0
-            )
-            if not partial_decode:
-                f.readinto(memoryview(raw)[16:cbytes])
-                numcodecs.blosc.decompress(memoryview(raw)[:cbytes], out)
-                self.decoded_bytes += nbytes
-                return
-            # read the block offsets and the compressed blocks holding begin:end, nothing else
-            nblocks = -(-nbytes // blocksize)
-            table = f.read(4 * nblocks)
-            raw[16 : 16 + len(table)] = np.frombuffer(table, np.uint8)
-            starts = np.frombuffer(table, "<i4")
-            first, last = begin // blocksize, (end - 1) // blocksize
-            # blocks may be stored out of order (multi-threaded compression): one ends where the next stored starts
-            ordered = np.append(np.sort(starts), cbytes)
-            wanted = starts[first : last + 1]
-            a, b = int(wanted.min()), int(ordered[np.searchsorted(ordered, wanted, side="right")].max())
-            f.seek(a)
-            f.readinto(memoryview(raw)[a:b])
-            done = getitem(raw.ctypes.data, begin // typesize, (end - begin) // typesize, out[lo:hi].ctypes.data)
-            if done != end - begin:
-                raise OSError(f"blosc could not decode rows {lo}:{hi} of {path} (returned {done})")
-            self.decoded_bytes += min((last + 1) * blocksize, nbytes) - first * blocksize
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """An array stored as one blosc frame per chunk file, chunked along rows only (what PartWriter writes)."""
-
-    meta: dict  # its zarr.json without the shape
-    chunk: int
-    row_shape: tuple[int, ...]
-    dtype: np.dtype
-    fill_value: object
-    encode_key: Callable
-
-    @staticmethod
-    def of(array: zarr.Array, meta: dict) -> _Layout | None:
-        if not _plain_blosc(array) or any(c != s for c, s in zip(array.chunks[1:], array.shape[1:], strict=True)):
-            return None
-        m = array.metadata
-        return _Layout(meta, array.chunks[0], array.shape[1:], array.dtype, m.fill_value, m.encode_chunk_key)
-
-    @property
-    def scratch_key(self) -> tuple:
-        return self.chunk, self.row_shape, self.dtype.str
-
-    def chunk_key(self, c: int) -> str:
-        return self.encode_key((c,) + (0,) * len(self.row_shape))
-
-
-# c-blosc 1 frames: version, versionlz, flags, typesize (one byte each), nbytes, blocksize, cbytes (u32 LE), then
-# one i32 offset per block, unless the data was stored as is (this flag).
-_BLOSC_MEMCPYED = 0x02
-
-
-@lru_cache(maxsize=1)
-def _blosc_getitem() -> Callable | None:
-    """c-blosc's ``blosc_getitem`` (decode a range of items, touching only their blocks), from numcodecs' build."""
-    try:
-        fn = ctypes.CDLL(numcodecs.blosc.__file__).blosc_getitem
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _plain_blosc(array: zarr.Array) -> bool:
-    """Chunks stored as one blosc frame each, in native byte order, one file per chunk (what PartWriter writes)."""
-    codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
-    return (
-        len(codecs) == 2
-        and isinstance(codecs[0], BytesCodec)
-        and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder)
-        and isinstance(codecs[1], BloscCodec)
-    )
 
 
 def coalesce(spans: list[tuple[int, int]], chunk: int) -> list[tuple[int, int, list[int]]]:
@@ -557,7 +415,7 @@ class DraftDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         skip_batches: int = 0,
-        source: Callable[[HiddenStateCache], PackedSource] = ZarrSource,
+        source: Callable[[HiddenStateCache], PackedSource] = RowReader,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -586,7 +444,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     skip_batches: int = 0,
-    source: Callable[[HiddenStateCache], PackedSource] = ZarrSource,
+    source: Callable[[HiddenStateCache], PackedSource] = RowReader,
 ) -> DataLoader:
     """This rank's batches of one epoch as a DataLoader (batches are assembled in the workers)."""
     if split not in ("train", "eval"):

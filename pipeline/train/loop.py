@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -26,50 +27,64 @@ from pipeline.draft.teacher import Teacher
 from pipeline.draft.ttt_loss import StepStats, TrainingTimeTest, replay_decoding, teacher_targets
 from pipeline.draft.vocab import load_or_build_draft_vocab
 from pipeline.errors import ConfigError
+from pipeline.settings import setting
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.train.data import LoaderConfig, make_loader
+from pipeline.train.data import (
+    LoaderConfig,
+    audio_embeds_setting,
+    eval_percent_setting,
+    make_loader,
+    max_tokens_setting,
+    num_workers_setting,
+    seed_setting,
+)
 from pipeline.train.distributed import distribute, load_states, local_parameter_share, model_state, optimizer_state
 from pipeline.train.plots import plot_acceptance
 
 TRAIN_LOG = "train_log.jsonl"  # one line per logging step: train metrics, lr, tokens/s, data wait
+# What training reads of the target's description in the cache (opaque otherwise; the target is never loaded):
+# the Llama layer config the draft defaults to, and the verifier architectures the vLLM export names.
+TARGET_KEYS = ("draft_defaults", "architectures")
 
 
 @dataclass
 class TrainConfig:
-    cache: str
-    name: str = "draft"
-    runs_dir: str = "runs"
-    target: str | None = None  # if set, the cache must come from this target (model id or path)
-    # the draft: which cached layers it reads, its vocab and width (None: derived from the cache's target)
-    layers: list[int] | None = None
-    draft_vocab_size: int | None = None  # None: 32000, or the whole target vocab if smaller
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    ttt_steps: int = 7
-    loss_decay: float = 0.8
-    audio_embeds: str = "merged"  # or "placeholder" (the placeholder token's embedding, as text-only trainers)
-    # optimisation
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_steps: int | None = None  # None: ``epochs`` over the cache's tokens (estimated from its manifest)
-    epochs: float = 1.0
-    max_tokens: int = 8192  # token budget of one micro-batch
-    grad_accum: int = 1
-    clip_grad: float = 0.5
-    seed: int = 0
-    # data, evaluation, logging, checkpoints
-    num_workers: int = 2
-    eval_percent: float = 5.0
-    eval_every: int = 50
-    log_every: int = 10
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    resume: bool = False
-    fsdp: bool = False  # shard the draft, its gradients and optimizer state over the ranks (FSDP2) instead of DDP
-    extra: dict = field(default_factory=dict)
+    cache: str = setting(help="cache directory written by `just dump-hidden`")
+    name: str = setting("draft", "run name: the run directory is RUNS_DIR/NAME")
+    runs_dir: str = setting("runs", "where run directories go")
+    target: str | None = setting(None, "refuse a cache dumped from another target (model id or path)")
+    # The draft: which cached layers it reads, its vocab and width (None: derived from the cache's target).
+    layers: list[int] | None = setting(
+        None, "aux layers (HF hidden_states indices) the draft reads, e.g. 2,16,29 (default: EAGLE-3's 2, L//2, L-3)"
+    )
+    draft_vocab_size: int | None = setting(None, "draft vocabulary size (default: 32000, or the target's if smaller)")
+    hidden_size: int | None = setting(None, "draft width (default: the target's)")
+    intermediate_size: int | None = setting(None, "draft MLP width (default: the target's)")
+    num_attention_heads: int | None = setting(None, "default: the target's")
+    num_key_value_heads: int | None = setting(None, "default: the target's")
+    ttt_steps: int = setting(7, "training-time test steps K: the draft is trained on its own fed-back states")
+    loss_decay: float = setting(0.8, "step k's loss weight is loss_decay ** k")
+    audio_embeds: Literal["merged", "placeholder"] = audio_embeds_setting()
+    # Optimisation.
+    lr: float = setting(3e-4, "peak AdamW learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_steps: int = setting(20, "linear warm-up steps, then cosine decay")
+    max_steps: int | None = setting(None, "optimizer steps (default: --epochs over the cache's tokens)")
+    epochs: float = setting(1.0, "passes over the cache when --max-steps is not given")
+    max_tokens: int = max_tokens_setting()
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    clip_grad: float = setting(0.5, "gradient norm clip")
+    seed: int = seed_setting()
+    # Data, evaluation, logging, checkpoints.
+    num_workers: int = num_workers_setting()
+    eval_percent: float = eval_percent_setting()
+    eval_every: int = setting(50, "steps between held-out evaluations")
+    log_every: int = setting(10, "steps between training log lines")
+    checkpoint_every: int = setting(50, "steps between checkpoints")
+    keep_checkpoints: int = setting(2, "checkpoints kept (the newest)")
+    resume: bool = setting(False, "continue the run from its last checkpoint (same number of ranks)")
+    fsdp: bool = setting(False, "shard the draft, its gradients and optimizer state over the ranks (FSDP2), not DDP")
+    extra: dict = setting(factory=dict, flag=None)
 
     @property
     def run_dir(self) -> Path:
@@ -79,6 +94,12 @@ class TrainConfig:
 def check_cache_fits(cache: HiddenStateCache, cfg: TrainConfig) -> list[int]:
     """The aux layers to train on; stops with a message, before any training, if the cache cannot serve them."""
     info = cache.info
+    missing_keys = [key for key in TARGET_KEYS if key not in cache.target]
+    if missing_keys:
+        raise ConfigError(
+            f"{cfg.cache} does not record its target's {', '.join(missing_keys)} (dumped by an older version): "
+            "dump it again"
+        )
     if cfg.target and cfg.target not in (info["model"], info["model"].rstrip("/").split("/")[-1]):
         raise ConfigError(f"{cfg.cache} was dumped from {info['model']!r}, not --target {cfg.target!r}")
     layers = cfg.layers or _eagle3_layers(info["num_layers"], info["captured_layers"])
@@ -101,10 +122,11 @@ def _eagle3_layers(num_layers: int, captured: list[int]) -> list[int]:
 
 
 def build_draft_config(cache: HiddenStateCache, cfg: TrainConfig, layers: list[int]) -> DraftConfig:
-    text = cache.manifest["target"]["config"]["text_config"]
-    if text["hidden_size"] != cache.info["hidden_size"]:
-        raise ConfigError(f"cache hidden size {cache.info['hidden_size']} differs from its target's {text}")
-    draft = DraftConfig.from_text_config(text, layers, cfg.draft_vocab_size)
+    """The target's ``draft_defaults`` (one layer shaped like the target's), with the sizes ``cfg`` overrides."""
+    defaults = cache.target["draft_defaults"]
+    if defaults["hidden_size"] != cache.info["hidden_size"]:
+        raise ConfigError(f"cache hidden size {cache.info['hidden_size']} differs from its target's {defaults}")
+    draft = DraftConfig.from_text_config(defaults, layers, cfg.draft_vocab_size)
     overrides = {
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -329,10 +351,10 @@ def _log(tb: SummaryWriter | None, split: str, step: int, metrics: dict) -> None
 
 
 def _export(draft: Eagle3Draft, draft_cfg: DraftConfig, cfg: TrainConfig, cache: HiddenStateCache, run: Path) -> None:
-    target = cache.info["model"]
+    target, architectures = cache.info["model"], cache.target["architectures"]
     try:
         export_sglang(draft, draft_cfg, run / "draft", target)
-        export_speculators(draft, draft_cfg, run / "draft-speculators", target, cfg.ttt_steps)
+        export_speculators(draft, draft_cfg, run / "draft-speculators", target, architectures, cfg.ttt_steps)
         print(f"exported {run / 'draft'} (SGLang) and {run / 'draft-speculators'} (vLLM speculators)")
     except ValueError as err:  # e.g. not 3 aux layers: trainable for experiments, not servable
         print(f"not exported for the servers: {err}")

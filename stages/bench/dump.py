@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache.format import CodecConfig
+from pipeline.cache.format import CodecConfig, SampleStates
 from pipeline.cache.report import reference_bytes_per_token
 from pipeline.cache.writer import PartWriter, SampleRecord
 from pipeline.dump import DumpConfig, _check_layers, _process, run_dump
 from pipeline.inputs.shards import expand_shard_urls, iter_raw_samples
-from pipeline.targets.base import TargetStates, load_target
+from pipeline.targets import load_target
 
 SAMPLE = "data/sample/shards/sample-{000000..000003}.tar"
 
@@ -67,15 +67,15 @@ def bench_pipeline(model: str, dtype: str, repeat: int, rounds: int) -> None:
             shutil.rmtree(root / "cache", ignore_errors=True)
             start = time.perf_counter()
             manifest = run_dump(DumpConfig(shards=shards, out=root / "cache", model=model, dtype=dtype), target)
-            dump.append(manifest["counts"]["samples"] / (time.perf_counter() - start))
+            dump.append(manifest.counts["samples"] / (time.perf_counter() - start))
             print(f"round {r}: forward-only {fwd[-1]:.1f} samples/s, dump {dump[-1]:.1f} samples/s")
         print(f"\n[1] {model} ({dtype}), {n} samples x {rounds} rounds, median of rounds:")
         print(
             f"    forward-only {np.median(fwd):.1f} samples/s, dump {np.median(dump):.1f} samples/s, "
             f"ratio {np.median(dump) / np.median(fwd):.3f} (target >= 0.95)"
         )
-        c = manifest["counts"]
-        ref = reference_bytes_per_token(manifest["hidden_size"], 2 if dtype != "float32" else 4)
+        c = manifest.counts
+        ref = reference_bytes_per_token(manifest.hidden_size, 2 if dtype != "float32" else 4)
         print(
             f"    this cache: {c['stored_bytes'] / c['tokens']:.0f} bytes/token = "
             f"{c['stored_bytes'] / c['tokens'] / ref:.2f}x the reference's {ref} "
@@ -83,7 +83,7 @@ def bench_pipeline(model: str, dtype: str, repeat: int, rounds: int) -> None:
         )
 
 
-def synthetic_states(tokens: int, audio: int, hidden: int, layers: list[int], gen: torch.Generator) -> TargetStates:
+def synthetic_states(tokens: int, audio: int, hidden: int, layers: list[int], gen: torch.Generator) -> SampleStates:
     # Residual-stream-like values: mostly small, a few large outlier channels (as real LLM states have).
     scale = torch.ones(hidden)
     scale[torch.randperm(hidden, generator=gen)[:8]] = 50.0
@@ -91,7 +91,7 @@ def synthetic_states(tokens: int, audio: int, hidden: int, layers: list[int], ge
     def state(n: int) -> torch.Tensor:
         return (torch.randn(n, hidden, generator=gen) * scale).to(torch.bfloat16)
 
-    return TargetStates({i: state(tokens) for i in layers}, state(tokens), state(audio))
+    return SampleStates({i: state(tokens) for i in layers}, state(tokens), state(audio))
 
 
 def bench_writer(hidden: int, samples: int, tokens: int, audio: int, codec: CodecConfig) -> None:

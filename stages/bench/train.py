@@ -6,6 +6,8 @@
    nothing to decode); (iii) one ``torch.save`` file per sample (dict of ids, loss mask, 3 aux states, final
    state, as the reference trainers store them) read with ``torch.load(weights_only=True)``. Target: (i) >= 2x
    (iii). Each with a warm page cache and, where the OS lets us drop it, a cold one.
+   Then random access in one process: ``open_cache(...)[i]`` against ``torch.load`` of the same samples' files, in
+   the same random order, warm page cache (target >= 0.5x).
 2. Time to the first batch for a small cache and one with 100x the parts and samples (target: the same).
 3. Training from the cache: tokens/s and the share of time the trainer waited for data (``--train-steps``).
 """
@@ -21,7 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -29,17 +31,16 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cache.format import COMMIT, HEAD_WEIGHTS, MANIFEST, PARTS, CodecConfig, hidden_name, read_json
+from pipeline.cache.format import COMMIT, HEAD_WEIGHTS, PARTS, CodecConfig, Manifest, hidden_name, part_name
 from pipeline.cache.reader import HiddenStateCache, open_cache
-from pipeline.cache.writer import PartWriter, SampleRecord
+from pipeline.cache.rows import RowReader
+from pipeline.cache.writer import CacheWriter, SampleRecord, create_or_resume
 from pipeline.train.data import (
     BatchBuilder,
     BatchReader,
     LoaderConfig,
-    ZarrSource,
     make_loader,
     plan_batches,
     rank_batches,
@@ -48,6 +49,7 @@ from pipeline.train.loop import TRAIN_LOG, TrainConfig, train
 from stages.bench.dump import synthetic_states
 
 LAYERS = [2, 16, 29]  # Qwen2-Audio-7B's EAGLE-3 layers (names only here)
+NUM_LAYERS = 32
 AUDIO_TOKEN = 7
 
 
@@ -73,26 +75,48 @@ def sample_shapes(rng: np.random.Generator, total_tokens: int) -> list[tuple[int
     return shapes
 
 
-def build(root: Path, hidden: int, total_tokens: int, parts: int, vocab: int, codec: CodecConfig) -> Built:
-    """The same synthetic samples three ways: a Zarr cache, .npy copies of its packed arrays, one file per sample."""
+def synthetic_target(hidden: int, vocab: int) -> dict:
+    """The identity a target adapter records in the manifest, for a Qwen2-Audio-7B-shaped target at this width and
+    vocab: what training reads of it (``draft_defaults``, ``architectures``) and the names ``info`` shows."""
+    heads = max(1, hidden // 128)
+    return {
+        "name_or_path": "synthetic",
+        "model_type": "qwen2_audio",
+        "architectures": ["Qwen2AudioForConditionalGeneration"],
+        "draft_defaults": {
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 11008 // 4096,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "head_dim": hidden // heads,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 8192,
+            "vocab_size": vocab,
+        },
+    }
+
+
+def build(
+    root: Path, hidden: int, total_tokens: int, parts: int, vocab: int, codec: CodecConfig, training: bool = False
+) -> Built:
+    """The same synthetic samples three ways: a Zarr cache (written by the cache's writer), .npy copies of its packed
+    arrays, one file per sample. ``training``: the cache alone, with the lm_head and norm training needs."""
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     shapes = sample_shapes(rng, total_tokens)
     cache, npy, files = root / "cache", root / "npy", root / "files"
-    for d in (cache / PARTS, npy, files):
-        d.mkdir(parents=True)
-    save_file({"embed_tokens": torch.randn(vocab, hidden, generator=gen).to(torch.bfloat16)}, cache / HEAD_WEIGHTS)
-    entries = []
-    for p, chunk in enumerate(np.array_split(np.arange(len(shapes)), parts)):
-        name = f"part-{p:04d}"
-        writer = PartWriter(cache / PARTS / name, name, LAYERS, hidden, "bfloat16", codec)
-        rows = sum(shapes[i][0] for i in chunk)
-        audio_rows = sum(shapes[i][1] for i in chunk)
-        (npy / name).mkdir()
-        mm = {n: _npy(npy / name / n, (rows, hidden), np.uint16) for n in ["final_hidden", *map(hidden_name, LAYERS)]}
-        mm |= {"audio_embeds": _npy(npy / name / "audio_embeds", (audio_rows, hidden), np.uint16)}
-        mm |= {"input_ids": _npy(npy / name / "input_ids", (rows,), np.int32)}
-        mm |= {"loss_mask": _npy(npy / name / "loss_mask", (rows,), np.uint8)}
-        at = aat = 0
+    if not training:
+        npy.mkdir(parents=True)
+        files.mkdir()
+    shards = [f"part-{p:04d}" for p in range(parts)]
+    manifest = Manifest(
+        target=synthetic_target(hidden, vocab), audio_token_id=AUDIO_TOKEN, hidden_size=hidden,
+        num_layers=NUM_LAYERS, vocab_size=vocab, captured_layers=LAYERS, dtype="bfloat16", codec=codec, shards=shards,
+    )  # fmt: skip
+    writer = create_or_resume(cache, manifest, lambda: _head_weights(hidden, vocab, training, gen))
+    for shard, chunk in zip(shards, np.array_split(np.arange(len(shapes)), parts), strict=True):
+        part = writer.part(shard)
+        copies = None if training else _NpyCopies(npy / part.path.name, [shapes[i] for i in chunk], hidden)
         for i in chunk.tolist():
             tokens, audio, answer = shapes[i]
             ids = rng.integers(AUDIO_TOKEN + 1, vocab, tokens).astype(np.int32)
@@ -100,56 +124,78 @@ def build(root: Path, hidden: int, total_tokens: int, parts: int, vocab: int, co
             mask = np.zeros(tokens, np.uint8)
             mask[-answer:] = 1
             states = synthetic_states(tokens, audio, hidden, LAYERS, gen)
-            key = f"{name}-{i:06d}"
-            writer.append(SampleRecord(key, i, ids, mask, states))
-            for layer, h in states.hidden_states.items():
-                mm[hidden_name(layer)][at : at + tokens] = h.view(torch.uint16).numpy()
-            mm["final_hidden"][at : at + tokens] = states.final_hidden.view(torch.uint16).numpy()
-            mm["audio_embeds"][aat : aat + audio] = states.audio_embeds.view(torch.uint16).numpy()
-            mm["input_ids"][at : at + tokens], mm["loss_mask"][at : at + tokens] = ids, mask
-            at, aat = at + tokens, aat + audio
-            torch.save(
-                {
-                    "input_ids": torch.from_numpy(ids.astype(np.int64)),
-                    "loss_mask": torch.from_numpy(mask.astype(bool)),
-                    **{hidden_name(layer): h for layer, h in states.hidden_states.items()},
-                    "final_hidden": states.final_hidden,
-                },
-                files / f"{key}.pt",
-            )
-        writer.finish()
-        for m in mm.values():
-            m.flush()
-        entries.append({"name": name, "samples": len(chunk)})
-    _write_manifest(cache, hidden, vocab, codec, entries)
+            record = SampleRecord(f"{shard}-{i:06d}", i, ids, mask, states)
+            part.append(record)
+            if copies is not None:
+                copies.add(record)
+                _torch_file(record, files / f"{record.key}.pt")
+        part.finish()
+        if copies is not None:
+            copies.flush()
+    writer.finalise()
     return Built(
         samples=len(shapes),
         tokens=sum(s[0] for s in shapes),
         audio_tokens=sum(s[1] for s in shapes),
         zarr_bytes=_du(cache / PARTS),
-        npy_bytes=_du(npy),
-        torch_bytes=_du(files),
+        npy_bytes=_du(npy) if not training else 0,
+        torch_bytes=_du(files) if not training else 0,
+    )
+
+
+def _head_weights(hidden: int, vocab: int, training: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """embed_tokens; for training also lm_head and norm (all a real cache holds of its target)."""
+    weights = {"embed_tokens": torch.randn(vocab, hidden, generator=gen).to(torch.bfloat16)}
+    if training:
+        weights["lm_head"] = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(torch.bfloat16)
+        weights["norm"] = torch.ones(hidden, dtype=torch.bfloat16)
+    return weights
+
+
+class _NpyCopies:
+    """A part's packed arrays as uncompressed .npy memory maps, filled sample by sample (baseline (ii))."""
+
+    def __init__(self, directory: Path, shapes: list[tuple[int, int, int]], hidden: int):
+        directory.mkdir()
+        rows, audio_rows = sum(s[0] for s in shapes), sum(s[1] for s in shapes)
+        states = ["final_hidden", *map(hidden_name, LAYERS)]
+        self.maps = {n: _npy(directory / n, (rows, hidden), np.uint16) for n in states}
+        self.maps["audio_embeds"] = _npy(directory / "audio_embeds", (audio_rows, hidden), np.uint16)
+        self.maps["input_ids"] = _npy(directory / "input_ids", (rows,), np.int32)
+        self.maps["loss_mask"] = _npy(directory / "loss_mask", (rows,), np.uint8)
+        self.at = self.audio_at = 0
+
+    def add(self, record: SampleRecord) -> None:
+        s, n, a = record.states, len(record.input_ids), len(record.states.audio_embeds)
+        for layer, h in s.hidden_states.items():
+            self.maps[hidden_name(layer)][self.at : self.at + n] = h.view(torch.uint16).numpy()
+        self.maps["final_hidden"][self.at : self.at + n] = s.final_hidden.view(torch.uint16).numpy()
+        self.maps["audio_embeds"][self.audio_at : self.audio_at + a] = s.audio_embeds.view(torch.uint16).numpy()
+        self.maps["input_ids"][self.at : self.at + n] = record.input_ids
+        self.maps["loss_mask"][self.at : self.at + n] = record.loss_mask
+        self.at, self.audio_at = self.at + n, self.audio_at + a
+
+    def flush(self) -> None:
+        for m in self.maps.values():
+            m.flush()
+
+
+def _torch_file(record: SampleRecord, path: Path) -> None:
+    """Baseline (iii): the sample as the reference trainers store it (no audio embeddings)."""
+    s = record.states
+    torch.save(
+        {
+            "input_ids": torch.from_numpy(record.input_ids.astype(np.int64)),
+            "loss_mask": torch.from_numpy(record.loss_mask.astype(bool)),
+            **{hidden_name(layer): h for layer, h in s.hidden_states.items()},
+            "final_hidden": s.final_hidden,
+        },
+        path,
     )
 
 
 def _npy(path: Path, shape: tuple, dtype) -> np.memmap:
     return np.lib.format.open_memmap(path.with_suffix(".npy"), mode="w+", dtype=dtype, shape=shape)
-
-
-def _write_manifest(cache: Path, hidden: int, vocab: int, codec: CodecConfig, parts: list[dict]) -> None:
-    manifest = {
-        "format_version": 1,
-        "target": {"name_or_path": "synthetic", "model_type": "qwen2_audio", "audio_token_id": AUDIO_TOKEN},
-        "hidden_size": hidden,
-        "num_layers": 32,
-        "vocab_size": vocab,
-        "captured_layers": LAYERS,
-        "dtype": "bfloat16",
-        "codec": codec.to_dict(),
-        "parts": parts,
-        "complete": True,
-    }
-    (cache / MANIFEST).write_text(json.dumps(manifest))
 
 
 def _du(path: Path) -> int:
@@ -228,7 +274,7 @@ def timed_pass(loader) -> tuple[int, float]:
 def decode_overhead(cache_path: Path, cfg: LoaderConfig, batches: int = 40) -> float:
     """Bytes our reader decompresses per byte it delivers (blosc blocks shared with neighbouring samples)."""
     cache = open_cache(cache_path)
-    source = ZarrSource(cache)
+    source = RowReader(cache)
     reader = BatchReader(cache, cfg, source)
     row = cache.info["hidden_size"] * 2
     delivered = 0
@@ -306,33 +352,68 @@ def bench_throughput(root: Path, built: Built, hidden: int, cfg: LoaderConfig, r
     )
 
 
+def bench_random_access(root: Path, hidden: int, rounds: int) -> None:
+    """open_cache(...)[i] against torch.load of one file per sample: the same samples in the same random order, one
+    process, warm page cache (a pass before the timed ones)."""
+    cache, files = open_cache(root / "cache"), root / "files"
+    order = np.random.default_rng(1).permutation(len(cache)).tolist()
+    where = [cache.locate(i) for i in order]
+    keys = [cache.parts[p].commit.keys[i] for p, i in where]
+    tokens = sum(cache.parts[p].commit.token_offsets[i + 1] - cache.parts[p].commit.token_offsets[i] for p, i in where)
+
+    def ours() -> None:
+        for i in order:
+            cache[i]
+
+    def per_sample_files() -> None:
+        for key in keys:
+            torch.load(files / f"{key}.pt", weights_only=True)
+
+    times: dict[str, list[float]] = {"ours": [], "files": []}
+    for r in range(rounds + 1):  # in turn, so that other work on the machine hits both alike; round 0 warms up
+        for name, fn in (("ours", ours), ("files", per_sample_files)):
+            start = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - start)
+    state_bytes = (len(LAYERS) + 1) * hidden * 2 * tokens  # aux + final, bf16: what both deliver
+    ours_rate, files_rate = (state_bytes / min(times[k]) / 1e6 for k in ("ours", "files"))
+    print(
+        f"\n[1b] random access, one process, warm page cache, {len(order)} samples in random order, best of {rounds}: "
+        f"open_cache(...)[i] {ours_rate:.0f} MB/s, torch.load per-sample file {files_rate:.0f} MB/s (aux + final "
+        f"states delivered): ratio {ours_rate / files_rate:.2f}x (target >= 0.5x; open_cache also reads the audio "
+        "embeddings and builds inputs_embeds, the files hold neither)"
+    )
+
+
 def _with(cfg: LoaderConfig, **changes) -> LoaderConfig:
     return LoaderConfig(**{**cfg.__dict__, **changes})
 
 
 def grown_copy(cache: Path, out: Path, copies: int) -> None:
-    """A cache of ``copies`` x the parts and samples: each part's metadata is its own (own keys, commit, zarr.json
-    files), its chunk directories are symlinks to the original part's (the disk holds one copy of the chunks)."""
+    """A cache of ``copies`` x the parts and samples: each part's metadata is its own (own shard, keys, commit,
+    zarr.json files), its chunk directories are symlinks to the original part's (the disk holds one copy of the
+    chunks); the manifest is gathered from the commits by the cache's writer."""
+    source = open_cache(cache)
     (out / PARTS).mkdir(parents=True)
     shutil.copy(cache / HEAD_WEIGHTS, out / HEAD_WEIGHTS)
-    manifest = read_json(cache / MANIFEST)
-    parts = []
+    shards = []
     for copy in range(copies):
-        for entry in manifest["parts"]:
-            src, name = cache / PARTS / entry["name"], f"{entry['name']}-x{copy:05d}"
-            dst = out / PARTS / name
-            for array in src.iterdir():
+        for part in source.parts:
+            commit = part.read_commit()
+            commit.shard = f"{commit.shard}-x{copy:05d}"
+            commit.keys = [f"{k}-x{copy:05d}" for k in commit.keys]
+            dst = out / PARTS / part_name(commit.shard)
+            for array in part.path.iterdir():
                 if array.is_dir():
                     (dst / array.name).mkdir(parents=True)
                     shutil.copy(array / "zarr.json", dst / array.name / "zarr.json")
                     (dst / array.name / "c").symlink_to((array / "c").resolve())
                 elif array.name != COMMIT:
                     shutil.copy(array, dst / array.name)
-            commit = read_json(src / COMMIT)
-            commit["keys"] = [f"{k}-x{copy:05d}" for k in commit["keys"]]
-            (dst / COMMIT).write_text(json.dumps(commit))
-            parts.append({**entry, "name": name})
-    (out / MANIFEST).write_text(json.dumps({**manifest, "parts": parts}))
+            commit.write(dst / COMMIT)
+            shards.append(commit.shard)
+    CacheWriter(out, replace(source.manifest, shards=shards)).finalise()
 
 
 def bench_first_batch(root: Path, cfg: LoaderConfig, factor: int, repeats: int, cold: bool) -> None:
@@ -366,17 +447,16 @@ def bench_first_batch(root: Path, cfg: LoaderConfig, factor: int, repeats: int, 
 def bench_training(root: Path, a: argparse.Namespace, codec: CodecConfig) -> None:
     """[3] The draft trained from a synthetic cache: training tokens/s and the share of time spent waiting for data.
 
-    On a GPU at the issue's dimensions (the loader benchmark's cache, a 156032-row lm_head, draft vocab 32000); on a
-    CPU at a width it can train (a 7B-wide draft step would take minutes there), which says little about GPUs.
+    The cache is built for it through the cache's writer (``--train-tokens`` tokens of the same kind of samples, with
+    a synthetic target's lm_head and draft defaults): on a GPU at the issue's dimensions (the loader benchmark's
+    width, a 156032-row lm_head, draft vocab 32000); on a CPU at a width it can train (a 7B-wide draft step would
+    take minutes there), which says little about GPUs.
     """
     gpu = torch.cuda.is_available()
     hidden = a.train_hidden or (a.hidden if gpu else 256)
     vocab = a.train_vocab or (156032 if gpu else 8192)
-    cache = root / "cache"
-    if hidden != a.hidden:  # a narrower cache of the same kind of samples
-        build(root / "train", hidden, a.train_tokens, a.parts, min(vocab, a.vocab), codec)
-        cache = root / "train" / "cache"
-    _add_target_head(cache, hidden, vocab)
+    build(root / "train", hidden, a.train_tokens, a.parts, vocab, codec, training=True)
+    cache = root / "train" / "cache"
     steps = a.train_steps
     cfg = TrainConfig(
         cache=str(cache), name="bench", runs_dir=str(root / "runs"), layers=LAYERS,
@@ -395,23 +475,6 @@ def bench_training(root: Path, a: argparse.Namespace, codec: CodecConfig) -> Non
         f"    second half: {last['tokens_per_s']:.0f} tokens/s, waiting for data {last['data_wait_fraction']:.1%} "
         "of the time"
     )
-
-
-def _add_target_head(cache: Path, hidden: int, vocab: int) -> None:
-    """What a real cache holds besides its states: lm_head and norm, and the target's text config."""
-    gen = torch.Generator().manual_seed(1)
-    heads = load_file(cache / HEAD_WEIGHTS)
-    heads |= {"lm_head": (torch.randn(vocab, hidden, generator=gen) * 0.02).to(torch.bfloat16),
-              "norm": torch.ones(hidden, dtype=torch.bfloat16)}  # fmt: skip
-    save_file(heads, cache / HEAD_WEIGHTS)
-    manifest = read_json(cache / MANIFEST)
-    heads_n = max(1, hidden // 128)
-    text = {"hidden_size": hidden, "num_attention_heads": heads_n, "num_key_value_heads": heads_n,
-            "intermediate_size": hidden * 11008 // 4096, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "num_hidden_layers": 32, "max_position_embeddings": 8192}  # fmt: skip
-    manifest["target"]["config"] = {"text_config": text}  # Qwen2-Audio-7B's shape at H=4096
-    manifest["vocab_size"] = vocab
-    (cache / MANIFEST).write_text(json.dumps(manifest))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -434,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-steps", type=int, default=20, help="[3] draft training steps (0: skip)")
     p.add_argument("--train-hidden", type=int, help="[3] width (default: --hidden on a GPU, 256 on a CPU)")
     p.add_argument("--train-vocab", type=int, help="[3] target vocab (default: 156032 on a GPU, 8192 on a CPU)")
-    p.add_argument("--train-tokens", type=int, default=60_000, help="[3] tokens of the narrower cache on a CPU")
+    p.add_argument("--train-tokens", type=int, default=60_000, help="[3] tokens of the training cache")
     a = p.parse_args(argv)
     print(
         f"machine: {_cpu_name()}, {os.cpu_count()} cores, "
@@ -451,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
         built = build(root, a.hidden, a.tokens, a.parts, a.vocab, codec)
         print(f"built the three copies in {time.perf_counter() - start:.0f} s under {root}")
         bench_throughput(root, built, a.hidden, cfg, a.rounds, not a.no_cold)
+        bench_random_access(root, a.hidden, a.rounds)
         bench_first_batch(root, cfg, a.factor, a.repeats, not a.no_cold)
         if a.train_steps:
             bench_training(root, a, codec)
