@@ -27,6 +27,7 @@ RULES = [
         "the draft learns from the cache, never from a model class",
     ),
     ("pipeline/train/**/*.py", ("pipeline.targets", "pipeline.evaluate", "pipeline.testing"), "stage two"),
+    ("pipeline/evaluate/**/*.py", ("pipeline.train", "pipeline.testing"), "evaluation needs no training code"),
     ("stages/train_draft.py", ("pipeline.targets", "pipeline.testing"), "stage two"),
     (
         "pipeline/inputs/**/*.py",

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pipeline.cache.reader import CachePart, open_cache
+from pipeline.inputs.split import eval_fraction
 from pipeline.train.data import (
     LoaderConfig,
     coalesce,
     count_batches,
-    eval_fraction,
     make_loader,
     split_keys,
 )

@@ -30,9 +30,9 @@ from pipeline.evaluate.speculative import GreedyResult, SpecConfig, SpecResult, 
 from pipeline.inputs.audio import AudioError, AudioPolicy, decode_audio
 from pipeline.inputs.conversation import BadSample, parse_conversations
 from pipeline.inputs.shards import expand_shard_urls, iter_raw_samples
+from pipeline.inputs.split import in_split
 from pipeline.settings import setting
 from pipeline.targets import AudioTarget, TargetInputs, load_target
-from pipeline.train.data import in_split
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402

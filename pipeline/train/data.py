@@ -26,7 +26,6 @@ Damaged data stops the loader with a ``CacheError`` naming the part, never zeros
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections import defaultdict
@@ -43,9 +42,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.cache.format import STORED_DTYPES, hidden_name
 from pipeline.cache.reader import HiddenStateCache, open_cache
 from pipeline.cache.rows import RowReader
+from pipeline.inputs.split import Split, in_split
 from pipeline.settings import setting
-
-Split = Literal["train", "eval"]
 
 
 # Settings the loader shares with the training run (``TrainConfig``): defined once here, fields in both.
@@ -116,17 +114,6 @@ class SampleRef(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------- the split
-
-
-def eval_fraction(key: str) -> float:
-    """A stable position in [0, 100) for a sample key: the held-out split is those below ``eval_percent``."""
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64 * 100
-
-
-def in_split(key: str, split: Split, eval_percent: float) -> bool:
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-    return (eval_fraction(key) < eval_percent) == (split == "eval")
 
 
 def split_keys(cache: HiddenStateCache, split: Split, eval_percent: float) -> list[str]:
