@@ -89,7 +89,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
+        if _nested(f, hints[f.name]):
             kwargs[f.name] = _build(hints[f.name], values, f"{prefix}{f.name}.")
         elif f"{prefix}{f.name}" in values:
             kwargs[f.name] = values[f"{prefix}{f.name}"]
@@ -97,15 +97,20 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 
 
 def _leaves(cls: type, skip, prefix: str = "") -> Iterator[_Leaf]:
-    """Every non-dataclass field of ``cls``, nested config dataclasses flattened."""
+    """Every command-line field of ``cls``, nested config dataclasses flattened."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        if dataclasses.is_dataclass(hints[f.name]):
+        if _nested(f, hints[f.name]):
             yield from _leaves(hints[f.name], skip, f"{prefix}{f.name}.")
-        else:
+        elif not dataclasses.is_dataclass(hints[f.name]):
             yield _Leaf(prefix + f.name, f, hints[f.name])
+
+
+def _nested(f: dataclasses.Field, kind: Any) -> bool:
+    """A nested config whose fields are flags (``flag=None`` keeps it whole: its default applies)."""
+    return dataclasses.is_dataclass(kind) and f.metadata.get("flag", KEEP) is not None
 
 
 def _optional_inner(kind: Any) -> Any:

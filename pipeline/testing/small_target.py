@@ -38,6 +38,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from pipeline.inputs.conversation import Message, text_of
 from pipeline.inputs.prompt import build_prompt, render_chat
+from pipeline.settings import setting
 from pipeline.targets.qwen2_audio import AUDIO_TOKEN, audio_token_count
 from pipeline.testing.tiny_target import TinyTargetConfig, build_tiny_target, default_corpus
 from pipeline.testing.tone_data import DEFAULT_TONES, ToneClip, ToneConfig, make_tone_clip, transcription
@@ -52,46 +53,42 @@ MAX_PROMPT_TOKENS = 4096
 
 @dataclass(frozen=True)
 class SmallTargetConfig:
-    seed: int = 0
+    seed: int = setting(0, "initialisation, data and data order")
     # Text model (Qwen2): 8 layers so EAGLE-3's default aux layers 2, L//2, L-3 = 2, 4, 5 are distinct.
-    hidden_size: int = 128
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 256
+    hidden_size: int = setting(128, "text model width")
+    num_hidden_layers: int = setting(8, "text model layers")
+    num_attention_heads: int = setting(4, "text model attention heads")
+    num_key_value_heads: int = setting(2, "text model key/value heads")
+    intermediate_size: int = setting(256, "text model MLP width")
     # Audio encoder (Whisper-style).
-    d_model: int = 128
-    encoder_layers: int = 2
-    encoder_attention_heads: int = 4
-    encoder_ffn_dim: int = 256
-    vocab_size: int = 1000  # tokenizer size; the builder pads the embedding table past it
+    d_model: int = setting(128, "audio encoder width")
+    encoder_layers: int = setting(2, "audio encoder layers")
+    encoder_attention_heads: int = setting(4, "audio encoder attention heads")
+    encoder_ffn_dim: int = setting(256, "audio encoder MLP width")
+    vocab_size: int = setting(1000, "tokenizer size (the builder pads the embedding table past it)")
     # Data: clips 0 .. train_clips - 1 of the seed's tone stream train, the next eval_clips are held out.
-    train_clips: int = 2000
-    eval_clips: int = 100
-    tones: ToneConfig = DEFAULT_TONES
-    # Training melodies start at this many notes (held-out ones at tones.min_notes): short melodies teach the
-    # decoder where the audio is and how a pitch sounds before it has to find the k-th of 16 notes.
-    train_min_notes: int = 1
-    # Curriculum: step s draws from the melodies of at most 1 + (max - 1) * s / curriculum_steps notes.
-    curriculum_steps: int = 120
+    train_clips: int = setting(2000, "training clips")
+    eval_clips: int = setting(100, "held-out clips for the greedy evaluation")
+    tones: ToneConfig = setting(DEFAULT_TONES, flag=None)
+    # Short melodies first teach the decoder where the audio is and how a pitch sounds, before it has to find the
+    # k-th of 16 notes (held-out melodies start at tones.min_notes).
+    train_min_notes: int = setting(1, "training melodies start at this many notes")
+    curriculum_steps: int = setting(120, "step s draws melodies of at most 1 + (max - 1) * s / curriculum_steps notes")
     # Optimisation.
-    steps: int = 500
-    batch_size: int = 16
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    # One thread by default: on a shared 2-core machine two threads that wait on each other were up to 40x slower
-    # than one. Results are reproducible for a fixed thread count.
-    threads: int = 1
+    steps: int = setting(500, "optimizer steps")
+    batch_size: int = setting(16, "clips per step")
+    lr: float = setting(2e-3, "peak AdamW learning rate")
+    min_lr_ratio: float = setting(0.05, "final learning rate as a share of the peak")
+    warmup_steps: int = setting(30, "linear warm-up steps")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "gradient norm clip")
+    # On a shared 2-core machine two threads that wait on each other were up to 40x slower than one.
+    threads: int = setting(1, "torch CPU threads (results are reproducible for a fixed count)")
     # Held-out greedy evaluation.
-    eval_batch_size: int = 25
-    max_new_tokens: int = 24
-    # Progress: teacher-forced accuracy on the assistant tokens of the first `monitor_clips` held-out clips every
-    # `monitor_every` steps (0: off).
-    monitor_every: int = 50
-    monitor_clips: int = 50
+    eval_batch_size: int = setting(25, "clips generated together in the evaluation")
+    max_new_tokens: int = setting(24, "longest generated answer in the evaluation")
+    monitor_every: int = setting(50, "steps between teacher-forced accuracy checks on held-out clips (0: off)")
+    monitor_clips: int = setting(50, "held-out clips in those checks")
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.eval_clips, self.threads) < 1 or not self.lr > 0:

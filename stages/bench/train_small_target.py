@@ -10,44 +10,22 @@ exact match). Use it anywhere a model is expected, e.g. `just dump-hidden SHARDS
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from pipeline.testing.small_target import RECORD, SmallTargetConfig, train_small_target
-
-DEFAULTS = SmallTargetConfig()
+from stages.flags import add_flags, config_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Path, SmallTargetConfig]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="output model directory (must not exist)")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="initialisation, data and data order")
-    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="clips per step")
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak AdamW learning rate")
-    p.add_argument("--train-clips", type=int, default=DEFAULTS.train_clips, help="training clips")
-    p.add_argument("--eval-clips", type=int, default=DEFAULTS.eval_clips, help="held-out clips for the greedy eval")
-    p.add_argument(
-        "--threads", type=int, default=DEFAULTS.threads, help="torch CPU threads (results depend on the count)"
-    )
+    add_flags(p, SmallTargetConfig)
     a = p.parse_args(argv)
-    if min(a.steps, a.batch_size, a.train_clips, a.eval_clips, a.threads) < 1 or not a.lr > 0:
-        p.error("--steps, --batch-size, --train-clips, --eval-clips, --threads and --lr must be positive")
     if a.out.exists():
         p.error(f"{a.out} already exists; choose a new directory")
-    cfg = dataclasses.replace(
-        DEFAULTS,
-        seed=a.seed,
-        steps=a.steps,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        train_clips=a.train_clips,
-        eval_clips=a.eval_clips,
-        threads=a.threads,
-    )
-    return a.out, cfg
+    return a.out, config_from_args(SmallTargetConfig, a, p)
 
 
 def main(argv: list[str] | None = None) -> None:
