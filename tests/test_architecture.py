@@ -87,7 +87,7 @@ def test_the_cache_loads_no_model_code() -> None:
 
 
 def test_only_the_target_adapters_name_a_model_family() -> None:
-    allowed = ("pipeline/targets/", "pipeline/testing/", "stages/bench/")  # bench: the test targets' commands
+    allowed = ("pipeline/targets/", "pipeline/testing/")
     mentions = [
         str(path.relative_to(REPO))
         for path in [*REPO.glob("pipeline/**/*.py"), *REPO.glob("stages/**/*.py")]

@@ -48,7 +48,7 @@ from pipeline.train.data import (
 from pipeline.train.loop import TRAIN_LOG, TrainConfig, train
 from stages.bench.dump import synthetic_states
 
-LAYERS = [2, 16, 29]  # Qwen2-Audio-7B's EAGLE-3 layers (names only here)
+LAYERS = [2, 16, 29]  # EAGLE-3's layers of a 32-layer 7B target (names only here)
 NUM_LAYERS = 32
 AUDIO_TOKEN = 7
 
@@ -76,13 +76,14 @@ def sample_shapes(rng: np.random.Generator, total_tokens: int) -> list[tuple[int
 
 
 def synthetic_target(hidden: int, vocab: int) -> dict:
-    """The identity a target adapter records in the manifest, for a Qwen2-Audio-7B-shaped target at this width and
-    vocab: what training reads of it (``draft_defaults``, ``architectures``) and the names ``info`` shows."""
+    """The identity a target adapter records in the manifest, for a 7B-shaped audio LLM (32 layers, MLP 11008/4096 of
+    the width) at this width and vocab: what training reads of it (``draft_defaults``, ``architectures``) and the
+    names ``info`` shows. No adapter exists for it: stage two never needs one."""
     heads = max(1, hidden // 128)
     return {
         "name_or_path": "synthetic",
-        "model_type": "qwen2_audio",
-        "architectures": ["Qwen2AudioForConditionalGeneration"],
+        "model_type": "synthetic_audio_lm",
+        "architectures": ["SyntheticAudioLM"],
         "draft_defaults": {
             "hidden_size": hidden,
             "intermediate_size": hidden * 11008 // 4096,

@@ -1,4 +1,5 @@
-"""Train the small Qwen2-Audio target on synthetic melody transcription and save it as an HF model directory.
+"""Train the small test target (pipeline.testing.small_target) on synthetic melody transcription; save it as an
+HF model directory.
 
 python -m stages.bench.train_small_target OUT [--seed S] [--steps N] [--batch-size B] [--lr LR] [--train-clips N]
     [--eval-clips N] [--threads T]
