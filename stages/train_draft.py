@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 from pipeline.train.loop import TrainConfig, train
@@ -39,6 +40,9 @@ def config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Training says itself whether it refuses an unfinished cache or reads it (--allow-partial): the reader's own
+    # warning, repeated by every loader that opens the cache, would only bury that line.
+    warnings.filterwarnings("ignore", message=".*the dump has not finished")
     with user_errors():
         run = train(parse_args(argv))
     print(f"run directory: {run}")

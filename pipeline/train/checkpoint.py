@@ -3,6 +3,8 @@
     RUN/checkpoints/step-000200/  model.safetensors  optimizer.pt  trainer.json
 A checkpoint is built in a temp directory and renamed into place, so a kill at any moment leaves the previous
 ones intact; ``optimizer.pt`` holds only tensors and numbers and is read with ``torch.load(weights_only=True)``.
+``trainer.json`` holds the step, the data position of each rank, the schedule, and what makes the run that run
+(its settings, draft shape and cache identity), which ``--resume`` compares before loading anything else.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_trainer(path: Path) -> dict:
+    """The checkpoint's ``trainer.json`` alone: enough to check a resume before any tensor is loaded."""
+    return json.loads((path / "trainer.json").read_text())
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     model = load_file(path / "model.safetensors")
     optimizer = torch.load(path / "optimizer.pt", weights_only=True)
-    return model, optimizer, json.loads((path / "trainer.json").read_text())
+    return model, optimizer, read_trainer(path)

@@ -28,7 +28,7 @@ from pipeline.draft.ttt_loss import StepStats, TrainingTimeTest, replay_decoding
 from pipeline.draft.vocab import load_or_build_draft_vocab
 from pipeline.errors import ConfigError
 from pipeline.settings import setting
-from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.data import (
     LoaderConfig,
     audio_embeds_setting,
@@ -40,8 +40,8 @@ from pipeline.train.data import (
 )
 from pipeline.train.distributed import distribute, load_states, local_parameter_share, model_state, optimizer_state
 from pipeline.train.plots import plot_acceptance
+from pipeline.train.run_dir import TRAIN_LOG, claim_run_dir, run_identity, trim_log
 
-TRAIN_LOG = "train_log.jsonl"  # one line per logging step: train metrics, lr, tokens/s, data wait
 # What training reads of the target's description in the cache (opaque otherwise; the target is never loaded):
 # the Llama layer config the draft defaults to, and the verifier architectures the vLLM export names.
 TARGET_KEYS = ("draft_defaults", "architectures")
@@ -82,13 +82,53 @@ class TrainConfig:
     log_every: int = setting(10, "steps between training log lines")
     checkpoint_every: int = setting(50, "steps between checkpoints")
     keep_checkpoints: int = setting(2, "checkpoints kept (the newest)")
-    resume: bool = setting(False, "continue the run from its last checkpoint (same number of ranks)")
+    resume: bool = setting(
+        False,
+        "continue the run from its last checkpoint (same settings, cache and number of ranks; only --max-steps "
+        "and --epochs may change)",
+    )
+    overwrite: bool = setting(False, "replace the run already in the run directory (default: refuse to touch it)")
+    allow_partial: bool = setting(False, "train on an unfinished dump's committed samples (default: refuse it)")
     fsdp: bool = setting(False, "shard the draft, its gradients and optimizer state over the ranks (FSDP2), not DDP")
     extra: dict = setting(factory=dict, flag=None)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+
+def check_cache_finished(cache: HiddenStateCache, cfg: TrainConfig) -> list[int]:
+    """Each part's committed tokens. Stops on an unfinished dump unless --allow-partial, and on a cache with no tokens
+    (which would otherwise train a step or two on nothing and export that)."""
+    finished = cache.info["complete"]
+    if not finished and not cfg.allow_partial:
+        unreadable = len(cache.manifest.shard_errors)  # a finished run leaves these shards for the next one
+        why = f"{unreadable} shards could not be read to their end" if unreadable else "still running, or stopped"
+        raise ConfigError(
+            f"{cfg.cache} is an unfinished dump ({why}; {len(cache)} samples committed so far): finish it by "
+            "re-running the same dump command (it resumes where it stopped), or pass --allow-partial to train on "
+            "the samples committed so far"
+        )
+    tokens = part_tokens(cache)
+    if sum(tokens) == 0 and finished:
+        raise ConfigError(
+            f"{cfg.cache} holds no samples to train on (the dump cached none): see what it rejected with "
+            f"`python -m stages.inspect_cache {cfg.cache}`"
+        )
+    if sum(tokens) == 0:
+        raise ConfigError(
+            f"{cfg.cache} is an unfinished dump that has committed no sample yet: nothing to train on; re-run once "
+            "the dump has committed samples (or has finished)"
+        )
+    return tokens
+
+
+def part_tokens(cache: HiddenStateCache) -> list[int]:
+    """Tokens of each part's committed samples: from the manifest, or for an unfinished dump (whose manifest has no
+    counts yet) from the parts' commit records, up to the samples the reader took."""
+    if cache.info["complete"]:
+        return [part.tokens for part in cache.manifest.parts]
+    return [part.read_commit().token_offsets[part.num_samples] for part in cache.parts]
 
 
 def check_cache_fits(cache: HiddenStateCache, cfg: TrainConfig) -> list[int]:
@@ -150,9 +190,10 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def estimate_steps(cache: HiddenStateCache, cfg: TrainConfig, world: int) -> int:
-    tokens = cache.info["counts"].get("tokens", 0) * (1 - cfg.eval_percent / 100)
-    return max(1, math.ceil(cfg.epochs * tokens / (cfg.max_tokens * cfg.grad_accum * world)))
+def estimate_steps(tokens: int, cfg: TrainConfig, world: int) -> int:
+    """Optimizer steps for ``cfg.epochs`` passes over the training share of a cache of ``tokens`` tokens."""
+    train_tokens = tokens * (1 - cfg.eval_percent / 100)
+    return max(1, math.ceil(cfg.epochs * train_tokens / (cfg.max_tokens * cfg.grad_accum * world)))
 
 
 class Batches:
@@ -197,10 +238,18 @@ class Batches:
 
 def train(cfg: TrainConfig) -> Path:
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError(f"--resume continues the run in {cfg.run_dir} and --overwrite replaces it: pass one of them")
     torch.manual_seed(cfg.seed)
     cache = open_cache(cfg.cache)
+    cached = check_cache_finished(cache, cfg)  # tokens per part
     layers = check_cache_fits(cache, cfg)
     draft_cfg = build_draft_config(cache, cfg, layers)
+    identity = run_identity(cfg, draft_cfg, cache, cached)
+    checkpoint = claim_run_dir(acc, cfg, identity)  # before any work: a directory holding another run stops here
+    if not cache.info["complete"]:
+        acc.print(f"{cfg.cache}: an unfinished dump; training on the {len(cache)} samples ({sum(cached)} tokens) "
+                  "committed so far (--allow-partial)")  # fmt: skip
     with acc.main_process_first():  # the main process counts and stores the draft vocab once; the rest read it
         d2t, t2d = load_or_build_draft_vocab(cache, cfg.draft_vocab_size)
     draft = Eagle3Draft(draft_cfg)
@@ -211,19 +260,17 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.fsdp:
         print(f"FSDP: rank {acc.process_index} holds {local_parameter_share(objective):.0%} of the draft's parameters")
     optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    total_steps = cfg.max_steps or estimate_steps(cache, cfg, acc.num_processes)
+    total_steps = cfg.max_steps or estimate_steps(sum(cached), cfg, acc.num_processes)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
     run = cfg.run_dir
     step, history, position = 0, [], {"epoch": 0, "consumed": 0}
-    if cfg.resume and (ckpt := latest_checkpoint(run)):
-        weights, optim_state, trainer = load_checkpoint(ckpt)
+    if checkpoint:  # the same run, on as many ranks: claim_run_dir checked
+        weights, optim_state, trainer = load_checkpoint(checkpoint)
         load_states(objective, optimizer, weights, optim_state)
         step, history = trainer["step"], trainer["history"]
         schedule.load_state_dict(trainer["schedule"])
-        if len(trainer["data"]) != acc.num_processes:
-            raise ConfigError(f"{ckpt} was written by {len(trainer['data'])} ranks; resume it on as many")
         position = trainer["data"][acc.process_index]
-        acc.print(f"resumed from {ckpt} at step {step}")
+        acc.print(f"resumed from {checkpoint} at step {step}")
     loader_cfg = LoaderConfig(
         layers=layers, max_tokens=cfg.max_tokens, audio_embeds=cfg.audio_embeds, eval_percent=cfg.eval_percent,
         num_workers=cfg.num_workers, seed=cfg.seed,
@@ -231,8 +278,12 @@ def train(cfg: TrainConfig) -> Path:
     batches = Batches(acc, cfg.cache, loader_cfg, **position)
     if acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            trim_log(run / TRAIN_LOG, step)
         (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "draft": draft_cfg.to_dict()}, indent=1))
-    tb = SummaryWriter(run / "tensorboard") if acc.is_main_process else None
+    # On resume, TensorBoard hides what the killed run logged after the checkpoint (it is logged again).
+    purge = step + 1 if cfg.resume else None
+    tb = SummaryWriter(run / "tensorboard", purge_step=purge) if acc.is_main_process else None
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.name}", disable=not acc.is_main_process)
     window, tokens, started, waited = StepStats.zeros(cfg.ttt_steps), 0, time.time(), 0.0
 
@@ -282,7 +333,8 @@ def train(cfg: TrainConfig) -> Path:
             positions = gather_object([batches.position()])
             weights, optim_state = model_state(objective), optimizer_state(objective, optimizer)  # all ranks
             if acc.is_main_process:
-                trainer = {"step": step, "history": history, "data": positions, "schedule": schedule.state_dict()}
+                trainer = {"step": step, "history": history, "data": positions, "schedule": schedule.state_dict(),
+                           "run": identity}  # fmt: skip
                 save_checkpoint(run, step, weights, optim_state, trainer, cfg.keep_checkpoints)
             acc.wait_for_everyone()
     bar.close()

@@ -134,8 +134,8 @@ def run(plan: QualityPlan) -> list[dict]:
     results = []
     for variant in plan.variants:
         run_dir, eval_dir = runs / variant.run_name, runs / variant.run_name / variant.eval_dir
-        if not (run_dir / "eval.json").exists():
-            stage("stages.train_draft", str(cache), "--runs-dir", str(runs), "--name", variant.run_name,
+        if not (run_dir / "eval.json").exists():  # never trained, or an attempt that died: train from scratch
+            stage("stages.train_draft", str(cache), "--runs-dir", str(runs), "--name", variant.run_name, "--overwrite",
                   *variant.train, *plan.train_flags())  # fmt: skip
         if not (eval_dir / "eval.json").exists():
             # The run's held-out clips: the very samples its offline estimate was computed on.

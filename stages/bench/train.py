@@ -45,7 +45,8 @@ from pipeline.train.data import (
     plan_batches,
     rank_batches,
 )
-from pipeline.train.loop import TRAIN_LOG, TrainConfig, train
+from pipeline.train.loop import TrainConfig, train
+from pipeline.train.run_dir import TRAIN_LOG
 from stages.bench.dump import synthetic_states
 
 LAYERS = [2, 16, 29]  # EAGLE-3's layers of a 32-layer 7B target (names only here)
