@@ -2,7 +2,9 @@
 
 Shards are dealt to ranks (``shards[rank::world]``); each shard becomes one part written by one rank, so two
 writers never share a store, the world size may change between runs, and a re-run resumes each unfinished part
-at its first uncommitted sample. Bad samples are skipped, recorded with their key and reason, and summarised.
+at its first uncommitted sample (a shard that could not be read is unfinished: a re-run retries it). Bad samples
+are skipped, recorded with their key and reason, and summarised. One run at a time writes a cache: its main
+process holds the cache's lock for the whole run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from pipeline.cache.format import CodecConfig, Manifest, SampleStates
 from pipeline.cache.writer import (
     BackgroundWriter,
+    CacheLock,
     CacheWriter,
     PartWriter,
     SampleRecord,
@@ -61,16 +64,34 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> Manifest:
     """
     state = PartialState(cpu=not torch.cuda.is_available())
     urls = expand_shard_urls(cfg.shards)
-    dtype = cfg.dtype or ("bfloat16" if state.device.type == "cuda" else "float32")
-    target = target or load_target(cfg.model, dtype, state.device)
-    dtype = str(target.dtype).removeprefix("torch.")
-    layers = _check_layers(cfg.layers or target.default_layers(), target.num_layers)
-    manifest = _manifest(cfg, target, layers, dtype, urls)
-    if state.is_main_process:
-        create_or_resume(cfg.out, manifest, target.head_weights)
-    state.wait_for_everyone()
-    cache = CacheWriter(cfg.out, manifest)
+    lock = CacheLock(cfg.out) if state.is_main_process else None
+    try:
+        if lock and cfg.out.exists():
+            lock.acquire()  # before loading the target: a second dump into a busy cache fails at once
+        dtype = cfg.dtype or ("bfloat16" if state.device.type == "cuda" else "float32")
+        target = target or load_target(cfg.model, dtype, state.device)
+        layers = _check_layers(cfg.layers or target.default_layers(), target.num_layers)
+        if lock:
+            lock.acquire()
+            _create_or_resume(cfg, target, layers, urls)
+        state.wait_for_everyone()
+        return _dump_parts(cfg, state, CacheWriter(cfg.out, Manifest.read(cfg.out)), target, layers)
+    finally:
+        if lock:
+            lock.release()
 
+
+def _create_or_resume(cfg: DumpConfig, target: AudioTarget, layers: list[int], urls: list[str]) -> None:
+    """Main process only: the target's identity hashes its weights, once per run."""
+    dtype = str(target.dtype).removeprefix("torch.")
+    create_or_resume(cfg.out, _manifest(cfg, target, layers, dtype, urls), target.head_weights)
+
+
+def _dump_parts(
+    cfg: DumpConfig, state: PartialState, cache: CacheWriter, target: AudioTarget, layers: list[int]
+) -> Manifest:
+    """This rank's shards into their parts; the main process then gathers every part into the final manifest."""
+    urls = cache.manifest.shards
     writer = BackgroundWriter(cfg.max_pending)
     stats = WriteStats()
     progress = tqdm(unit="sample", desc=f"dump rank {state.process_index}", disable=not state.is_local_main_process)
@@ -79,7 +100,7 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None) -> Manifest:
         for url in urls[state.process_index :: state.num_processes]:
             writer_id = {"rank": state.process_index, "world_size": state.num_processes}
             part = cache.part(url, writer_id, stats)
-            if part.complete:
+            if part.complete:  # read to its end; a shard that could not be read is retried
                 continue
             for record in _dump_shard(url, part, target, layers, cfg, writer):
                 stats.add(record)
@@ -106,18 +127,22 @@ def _dump_shard(
 ):
     """Yield each cached sample's record after handing it to the writer; rejects go to the part's log."""
     resume_at, position, samples = part.position, -1, iter_raw_samples(url)
+    first_at: dict[str, int] = {}  # each key's first position in the shard, samples skipped on resume included
     while True:
         try:
             raw = next(samples)
         except StopIteration:
             break
-        except Exception as err:  # an unreadable shard: keep what was cached, record why, go on
+        except Exception as err:  # an unreadable shard: keep what was cached, record why, retry it next run
             writer.submit(part.finish, unreadable_shard(url, position + 1, err, cfg.strict))
             return
         position += 1
+        first = first_at.setdefault(raw.key, position)
         if position < resume_at:
             continue
         try:
+            if first != position:
+                raise _duplicate_key(raw.key, first)
             record = _process(raw, position, target, layers, cfg)
         except Exception as err:  # any bad sample is skipped and recorded, never fatal
             reason = str(err) if isinstance(err, BadSample | AudioError) else f"{type(err).__name__}: {err}"
@@ -130,10 +155,18 @@ def _dump_shard(
     writer.submit(part.finish)
 
 
+def _duplicate_key(key: str, first: int) -> BadSample:
+    # A second sample under one key would be cached twice under it (or silently replace the first downstream).
+    return BadSample(f"duplicate key {key!r}: sample {first} of this shard has it too (keys must be unique)")
+
+
 def _process(raw: RawSample, position: int, target: AudioTarget, layers: list[int], cfg: DumpConfig) -> SampleRecord:
     messages = parse_conversations(raw.json)
     if raw.audio is None:
         raise BadSample("missing audio member (expected <key>.wav, .flac, .mp3 or .ogg)")
+    if raw.other_audio:
+        names = [f"{raw.key}.{ext}" for ext in (raw.audio_ext, *raw.other_audio)]
+        raise BadSample(f"{len(names)} audio members ({', '.join(names)}); a sample holds one clip")
     wave = decode_audio(raw.audio, cfg.audio, raw.audio_ext)
     inputs = target.prepare(messages, wave, cfg.max_length)
     states = _forward(target, inputs, layers)

@@ -151,7 +151,7 @@ def test_resume_needs_the_same_settings(copy):
     assert not Manifest.read(copy).complete  # unfinished until the resumed dump finalises it
     other = manifest(same.shards, chunk_tokens=8)
     other.target = {**TARGET, "opaque": {"anything": [3]}}
-    with pytest.raises(ConfigError, match=r"other settings \(codec, target model differ\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(codec, target model \(opaque\) differ\)"):
         create_or_resume(copy, other, head)
 
 

@@ -4,6 +4,7 @@
       manifest.json            format version, target identity, captured layers, dtype, codec; at the end of a
                                run: parts, counts, rejects (the reader opens a cache from this file alone)
       target_head.safetensors  embed_tokens, norm, lm_head: all stage two needs of the target
+      dump.lock                locked by the dump writing the cache; names it (pid, host, start time)
       parts/<part-name>/       one Zarr v3 group per input shard, written by exactly one rank
         commit.json            what is committed: sample keys, token and audio offsets, rejects, position in
                                the shard; replaced atomically, so a reader never sees a half-written sample
@@ -47,6 +48,7 @@ MANIFEST = "manifest.json"
 HEAD_WEIGHTS = "target_head.safetensors"
 PARTS = "parts"
 COMMIT = "commit.json"
+LOCK = "dump.lock"  # held by the one dump writing the cache (``writer.CacheLock``)
 
 # torch dtype name -> (numpy dtype it is stored as, torch dtype to view it back as)
 STORED_DTYPES = {
@@ -101,8 +103,8 @@ class PartCommit:
     rejects: list[dict] = field(default_factory=list)  # {"key", "position", "reason"}
     position: int = 0  # samples of the shard dealt with (cached or rejected) and committed
     raw_bytes: int = 0  # uncompressed bytes handed to the writer
-    complete: bool = False
-    error: str | None = None  # the shard could not be read to its end
+    complete: bool = False  # the shard was read to its end
+    error: str | None = None  # the shard could not be read to its end: the next run retries it
     writers: list[dict] = field(default_factory=list)  # which rank of which run wrote it, one entry per run
 
     @property

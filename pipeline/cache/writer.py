@@ -10,27 +10,35 @@ rows are all on disk. After a crash, reopening the part resumes at the first unc
 
 ``BackgroundWriter`` runs every PartWriter call on one thread behind a bounded queue, so the model never waits
 for compression unless the writer falls behind by more than ``max_pending`` samples (which bounds memory).
+
+``CacheLock`` lets one dump at a time write a cache (two processes appending to one Zarr array lose rows).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import queue
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from pipeline.cache.format import (
     COMMIT,
     HEAD_WEIGHTS,
+    LOCK,
     MANIFEST,
     PARTS,
     STORED_DTYPES,
@@ -43,7 +51,7 @@ from pipeline.cache.format import (
     part_name,
     to_storable,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, ConfigError
 
 FLUSH_CHUNKS = 16  # whole chunks buffered per array before a write and a commit: fewer, larger writes
 
@@ -128,17 +136,17 @@ class PartWriter:
     ):
         self.path, self.shard, self.codec = path, shard, codec
         self.chunk = codec.chunk_tokens
-        self.commit = PartCommit.read(path / COMMIT) if (path / COMMIT).exists() else PartCommit(shard)
+        self.commit = _read_commit(path) if (path / COMMIT).exists() else PartCommit(shard)
         self.commit.writers.append(writer or {})  # which rank of which run wrote it
         self.stats = stats or WriteStats()
         self._layers, self._hidden_size, self._dtype = layers, hidden_size, dtype
         self._streams: dict[str, _Stream] | None = None
-        # Samples accepted but not yet committed: (key, position, token end, audio end); rejects wait with them.
-        self.uncommitted: list[tuple[str, int, int, int]] = []
+        # Samples accepted but not yet committed: (key, position, token end, audio end, raw bytes); rejects wait
+        # with them. A sample's raw bytes count when it commits: one lost to a kill is counted once, when redone.
+        self.uncommitted: list[tuple[str, int, int, int, int]] = []
         self.pending_rejects: list[tuple[int, dict]] = []  # (samples cached before it, reject)
         self.tokens_end = self.commit.tokens
         self.audio_end = self.commit.audio_tokens
-        self.raw_bytes = 0
 
     @property
     def streams(self) -> dict[str, _Stream]:
@@ -179,7 +187,8 @@ class PartWriter:
 
     @property
     def complete(self) -> bool:
-        return self.commit.complete
+        """The shard was read to its end (a part whose shard could not be read is retried by the next run)."""
+        return _finished(self.commit)
 
     @property
     def position(self) -> int:
@@ -199,8 +208,7 @@ class PartWriter:
             self.streams[name].add(data)
         self.tokens_end += len(record.input_ids)
         self.audio_end += len(s.audio_embeds)
-        self.raw_bytes += record.num_bytes
-        self.uncommitted.append((record.key, record.position, self.tokens_end, self.audio_end))
+        self.uncommitted.append((record.key, record.position, self.tokens_end, self.audio_end, record.num_bytes))
         if self.streams["final_hidden"].pending_rows >= FLUSH_CHUNKS * self.chunk:
             self._flush(everything=False)
 
@@ -211,9 +219,11 @@ class PartWriter:
             self._commit(next_position=position + 1)
 
     def finish(self, error: str | None = None) -> None:
-        """Write every buffered row and mark the part complete (``error``: the shard could not be read to its end)."""
+        """Write every buffered row and mark the part complete, or with ``error`` (the shard could not be read to its
+        end) unfinished: the next run retries the shard from its first uncommitted sample, and the error stays
+        recorded until a retry reads the shard to its end."""
         self._flush(everything=True)
-        self.commit.complete = True
+        self.commit.complete = error is None
         self.commit.error = error
         self.commit.write(self.path / COMMIT)
         self.stats.finished_raw += self.commit.raw_bytes
@@ -230,11 +240,12 @@ class PartWriter:
         tok_done = min(tok_done, *(s.written for n, s in self.streams.items() if n != "audio_embeds"))
         c = self.commit
         while self.uncommitted and self.uncommitted[0][2] <= tok_done and self.uncommitted[0][3] <= audio_done:
-            key, position, tok_end, audio_end = self.uncommitted.pop(0)
+            key, position, tok_end, audio_end, raw_bytes = self.uncommitted.pop(0)
             c.keys.append(key)
             c.positions.append(position)
             c.token_offsets.append(tok_end)
             c.audio_offsets.append(audio_end)
+            c.raw_bytes += raw_bytes
             c.position = position + 1
         while self.pending_rejects and self.pending_rejects[0][0] <= c.num_samples:
             reject = self.pending_rejects.pop(0)[1]
@@ -242,9 +253,19 @@ class PartWriter:
             c.position = max(c.position, reject["position"] + 1)
         if next_position is not None and not self.uncommitted:
             c.position = max(c.position, next_position)
-        c.raw_bytes += self.raw_bytes
-        self.raw_bytes = 0
         c.write(self.path / COMMIT)
+
+
+def _read_commit(part: Path) -> PartCommit:
+    try:
+        return PartCommit.read(part / COMMIT)
+    except CacheError as err:
+        raise CacheError(f"{err}\nTo redo that shard, delete {part} and re-run the same command.") from None
+
+
+def _finished(commit: PartCommit) -> bool:
+    # Commits of older versions marked a part whose shard could not be read complete, with its error.
+    return commit.complete and not commit.error
 
 
 class BackgroundWriter:
@@ -326,7 +347,8 @@ class CacheWriter:
             if not (self.root / PARTS / name / COMMIT).exists():
                 continue
             c = PartCommit.read(self.root / PARTS / name / COMMIT)
-            m.parts.append(PartSummary(name, shard, c.num_samples, c.tokens, c.audio_tokens, c.raw_bytes, c.complete))
+            done = _finished(c)
+            m.parts.append(PartSummary(name, shard, c.num_samples, c.tokens, c.audio_tokens, c.raw_bytes, done))
             m.rejects += [{**r, "shard": shard} for r in c.rejects]
             if c.error:
                 m.shard_errors.append({"shard": shard, "error": c.error})
@@ -342,9 +364,77 @@ class CacheWriter:
             "stored_bytes": sum(f.stat().st_size for f in (self.root / PARTS).rglob("*") if f.is_file()),
             "raw_bytes": sum(p.raw_bytes for p in m.parts),
         }
-        m.complete = m.counts["shards_done"] == len(m.shards)
+        m.complete = m.counts["shards_done"] == len(m.shards)  # an unreadable shard leaves the cache incomplete
         m.write(self.root)
         return m
+
+
+class CacheLock:
+    """The right to write a cache: an exclusive ``flock`` on ``<cache>/dump.lock``, which records its holder.
+
+    One run holds it from before its manifest is created or resumed until the end (its main process: the other
+    ranks of that run write their own parts under it). The OS releases a flock when its process ends, however it
+    ends (``kill -9`` included), so no stale lock is ever left behind to clear by hand."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._file = None
+
+    def acquire(self) -> None:
+        """Take the lock (again: no-op), or raise ConfigError naming the dump that holds it."""
+        if self._file is not None:
+            return
+        _make_directory(self.root)
+        f = open(self.root / LOCK, "a+")  # noqa: SIM115 - held open for the run: closing it releases the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(f)
+            f.close()
+            raise ConfigError(
+                f"{self.root} is being written by another dump ({holder}); wait for it to finish or stop it, or "
+                "choose another --out (the lock goes with that process, however it ends)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        started = datetime.now().astimezone().isoformat(timespec="seconds")
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": started}, f)
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> CacheLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_cache(root: Path) -> CacheLock:
+    """``with lock_cache(root):`` write the cache at ``root``, no other dump meanwhile."""
+    return CacheLock(root)
+
+
+def _holder(f) -> str:
+    """Who holds the lock, as its lock file says (it may be caught half-written)."""
+    f.seek(0)
+    try:
+        who = json.loads(f.read())
+        return f"pid {who['pid']} on {who['host']}, started {who['started']}"
+    except (ValueError, KeyError, TypeError):
+        return f"holder not recorded in {f.name}"
+
+
+def _make_directory(root: Path) -> None:
+    try:
+        (root / PARTS).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the cache directory {root}: {err}") from None
 
 
 def create_or_resume(
@@ -353,31 +443,52 @@ def create_or_resume(
     """Create the cache at ``root`` (manifest and the target's head weights), or check that the cache already
     there was made with the same settings and mark it unfinished again (the dump resumes it).
 
-    ``head_weights``: ``embed_tokens``, ``norm``, ``lm_head`` of the target, asked for only when creating."""
-    try:
-        (root / PARTS).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create the cache directory {root}: {err}") from None
+    ``head_weights``: ``embed_tokens``, ``norm``, ``lm_head`` of the target, asked for only when creating.
+    The caller holds the cache's ``CacheLock``."""
+    _make_directory(root)
     if (root / MANIFEST).exists():
-        changed = _differences(Manifest.read(root), manifest)
+        changed = _differences(_read_manifest(root), manifest)
         if changed:
             raise ConfigError(
                 f"{root} holds a cache made with other settings ({', '.join(changed)} differ); "
-                "re-run with the original settings to resume it, or choose another --out"
+                "re-run with the original settings and target to resume it, or choose another --out"
             )
     else:
-        weights = {k: v.contiguous().clone() for k, v in head_weights().items()}
-        save_file(weights, root / HEAD_WEIGHTS)
+        _write_head(root, head_weights)
     manifest.complete = False
     manifest.write(root)
     return CacheWriter(root, manifest)
+
+
+def _read_manifest(root: Path) -> Manifest:
+    try:
+        return Manifest.read(root)
+    except CacheError as err:
+        raise CacheError(
+            f"{err}\nThe dump cannot tell how this cache was made, so it cannot resume it: choose another --out, or "
+            f"delete {root} to dump it again."
+        ) from None
+
+
+def _write_head(root: Path, head_weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """Write the head weights (then renamed into place: a full disk leaves no half file behind)."""
+    weights = {k: v.contiguous().clone() for k, v in head_weights().items()}
+    tmp = root / f".{HEAD_WEIGHTS}.{os.getpid()}.tmp"
+    try:
+        save_file(weights, tmp)
+        os.replace(tmp, root / HEAD_WEIGHTS)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"writing the target's head weights failed: {err}") from None
 
 
 def _differences(old: Manifest, new: Manifest) -> list[str]:
     """The settings in which two manifests differ (compared as stored: tuples become lists, keys strings)."""
     a, b = old.to_dict(), json.loads(json.dumps(new.to_dict()))
     changed = [name for name in RESUME_FIELDS if a[name] != b[name]]
-    # The target's identity is opaque here: all of it must match, except the name it was loaded by.
-    if {**a["target"], "name_or_path": None} != {**b["target"], "name_or_path": None}:
-        changed.append("target model")
+    # The target's identity is opaque here: all of it must match, except the name it was loaded by (a model moves).
+    old_target, new_target = ({**t, "name_or_path": None} for t in (a["target"], b["target"]))
+    if old_target != new_target:
+        keys = sorted(k for k in old_target.keys() | new_target.keys() if old_target.get(k) != new_target.get(k))
+        changed.append(f"target model ({', '.join(keys)})")
     return changed

@@ -33,6 +33,7 @@ def parse_conversations(raw: bytes | None) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise BadSample("json has no non-empty 'conversations' list")
     messages = [_normalise_message(i, turn) for i, turn in enumerate(turns)]
+    _check_order(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadSample("conversation has no assistant turn (nothing to learn from)")
     return _place_audio(messages)
@@ -56,6 +57,20 @@ def _normalise_message(index: int, turn: Any) -> Message:
         else:
             raise BadSample(f"turn {index} has an item that is neither audio nor text: {item!r:.80}")
     return {"role": turn["role"], "content": items}
+
+
+def _check_order(messages: list[Message]) -> None:
+    """System turns first, then a user turn before any assistant turn (an answer needs its question; a chat
+    template cannot render a conversation that opens with one)."""
+    roles = [m["role"] for m in messages]
+    began = next((i for i, role in enumerate(roles) if role != "system"), len(roles))
+    late_system = next((i for i in range(began, len(roles)) if roles[i] == "system"), None)
+    if late_system is not None:
+        raise BadSample(f"turn {late_system} is a system turn after the conversation began (system turns come first)")
+    if began < len(roles) and roles[began] == "assistant":
+        raise BadSample(
+            f"turn {began} is an assistant turn before any user turn (turns go: system, then user and assistant)"
+        )
 
 
 def _place_audio(messages: list[Message]) -> list[Message]:

@@ -1,4 +1,4 @@
-"""WebDataset shard I/O: expand shard specs, read raw samples, write shards from a JSONL manifest.
+"""WebDataset shard I/O: expand shard specs, read raw samples, write shards from a JSONL manifest or any samples.
 
 A sample in a shard is ``<key>.<wav|flac|mp3|ogg>`` (the audio file's original bytes) plus
 ``<key>.json`` (``{"conversations": [...], ...}``). Reading returns the members undecoded so that
@@ -8,12 +8,13 @@ the dump stage, not this module, decides what counts as a bad sample and reports
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import re
 import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ class RawSample:
     """One sample exactly as stored in a tar shard, not decoded.
 
     ``audio``/``audio_ext`` are None when the sample has no audio member and ``json`` is None when
-    it has no json member; the consumer reports such samples instead of this reader raising.
+    it has no json member; ``other_audio`` names the extensions of any further audio members (a sample
+    holds one clip). The consumer reports such samples instead of this reader raising.
     """
 
     key: str
@@ -55,6 +57,7 @@ class RawSample:
     audio: bytes | None
     audio_ext: str | None
     json: bytes | None
+    other_audio: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,13 +215,15 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 
 
 def make_sample(key: str, shard: str, members: dict[str, bytes]) -> RawSample:
-    audio_ext = next((ext for ext in members if ext in AUDIO_EXTENSIONS), None)
+    audio_exts = [ext for ext in members if ext in AUDIO_EXTENSIONS]  # in tar order
+    audio_ext = audio_exts[0] if audio_exts else None
     return RawSample(
         key=key,
         shard=shard,
         audio=members[audio_ext] if audio_ext is not None else None,
         audio_ext=audio_ext,
         json=members.get("json"),
+        other_audio=tuple(audio_exts[1:]),
     )
 
 
@@ -285,7 +290,7 @@ def _check_content(content: Any, where: str) -> None:
         )
 
 
-def _check_conversations(conversations: Any, where: str) -> None:
+def check_conversations(conversations: Any, where: str) -> None:
     if not isinstance(conversations, list) or not conversations:
         raise ManifestError(f'{where}: "conversations" must be a non-empty list of {{"role", "content"}} turns')
     for index, turn in enumerate(conversations):
@@ -297,7 +302,7 @@ def _check_conversations(conversations: Any, where: str) -> None:
         _check_content(turn["content"], turn_where)
 
 
-def _check_key(key: Any, where: str) -> str:
+def check_key(key: Any, where: str) -> str:
     # A dot would move the key/extension split (webdataset splits at the first dot of the
     # basename) and whitespace/leading "/" make awkward tar member names.
     if not isinstance(key, str) or not re.fullmatch(r"[^./\s][^.\s]*", key):
@@ -340,8 +345,8 @@ def _parse_manifest(manifest: Path) -> list[_ManifestEntry]:
                     f"{where}: audio file {str(audio_path)!r} does not exist (relative paths resolve "
                     f"against the manifest's directory {str(base)!r}); fix the path or add the file"
                 )
-            _check_conversations(record.get("conversations"), where)
-            key = _check_key(record["key"], where) if "key" in record else f"sample-{line_no:06d}"
+            check_conversations(record.get("conversations"), where)
+            key = check_key(record["key"], where) if "key" in record else f"sample-{line_no:06d}"
             if key in seen:
                 raise ManifestError(f"{where}: key {key!r} already used on line {seen[key]}; keys must be unique")
             seen[key] = line_no
@@ -369,17 +374,64 @@ def write_shards(
     naming the line, so a bad manifest fails before any GPU work.
     """
     manifest = Path(manifest)
+    check_out_pattern(out_pattern, max_count, max_size)
+    entries = _parse_manifest(manifest)
+    if not entries:
+        raise ManifestError(f"{manifest}: no samples; the manifest is empty")
+
+    def samples() -> Iterator[ShardSample]:
+        for entry in entries:
+            try:
+                audio = entry.audio_path.read_bytes()
+            except OSError as exc:
+                raise ManifestError(
+                    f"{manifest}:{entry.line}: cannot read audio {str(entry.audio_path)!r}: {exc}"
+                ) from exc
+            yield ShardSample(entry.key, entry.audio_ext, audio, entry.meta)
+
+    return write_samples(samples(), out_pattern, max_count=max_count, max_size=max_size)
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """One sample to write: the audio file's bytes as they are (not re-encoded) and the fields of its json."""
+
+    key: str
+    audio_ext: str
+    audio: bytes
+    meta: dict[str, Any]
+
+
+def check_out_pattern(out_pattern: str, max_count: int, max_size: int) -> None:
+    """Raise ValueError unless ``out_pattern`` has one integer placeholder and the shard limits are positive."""
     try:
-        first_shard = out_pattern % 0
+        out_pattern % 0
     except TypeError as exc:
         raise ValueError(
             f"out_pattern {out_pattern!r} needs one integer placeholder, e.g. 'out/shard-%06d.tar'"
         ) from exc
     if max_count < 1 or max_size < 1:
         raise ValueError(f"max_count and max_size must be positive, got {max_count} and {max_size}")
-    entries = _parse_manifest(manifest)
-    if not entries:
-        raise ManifestError(f"{manifest}: no samples; the manifest is empty")
+
+
+def write_samples(
+    samples: Iterable[ShardSample],
+    out_pattern: str,
+    max_count: int = 100,
+    max_size: int = DEFAULT_MAX_SIZE,
+) -> list[str]:
+    """Write ``samples`` in order as ``<key>.<audio ext>`` + ``<key>.json`` into shards; return their paths.
+
+    The caller has validated the samples (keys unique, usable as member names; conversations well formed).
+    Shards are byte-identical for the same samples. Nothing is created when ``samples`` is empty.
+    """
+    check_out_pattern(out_pattern, max_count, max_size)
+    iterator = iter(samples)
+    # ShardWriter opens its first shard on construction: peek so that no samples leave no empty shard behind.
+    first = next(iterator, None)
+    if first is None:
+        return []
+    first_shard = out_pattern % 0
     if not _is_url(first_shard):
         Path(first_shard).parent.mkdir(parents=True, exist_ok=True)
 
@@ -394,15 +446,9 @@ def write_shards(
         encoder=False,
         mtime=_TAR_MTIME,
     ) as writer:
-        for entry in entries:
-            try:
-                audio = entry.audio_path.read_bytes()
-            except OSError as exc:
-                raise ManifestError(
-                    f"{manifest}:{entry.line}: cannot read audio {str(entry.audio_path)!r}: {exc}"
-                ) from exc
-            meta_json = json.dumps(entry.meta, ensure_ascii=False).encode("utf-8")
-            writer.write({"__key__": entry.key, entry.audio_ext: audio, "json": meta_json})
+        for sample in itertools.chain([first], iterator):
+            meta_json = json.dumps(sample.meta, ensure_ascii=False).encode("utf-8")
+            writer.write({"__key__": sample.key, sample.audio_ext: sample.audio, "json": meta_json})
 
     _warn_stale_shards(out_pattern, len(written))
     return written
@@ -422,7 +468,10 @@ def _warn_stale_shards(out_pattern: str, count: int) -> None:
 
 def unreadable_shard(url: str, samples_read: int, err: Exception, strict: bool) -> str:
     """Why a shard ended early (recorded; the samples before it are kept), or StrictModeError under --strict."""
-    reason = f"shard unreadable after {samples_read} samples: {type(err).__name__}: {err}"
+    reason = (
+        f"shard unreadable after {samples_read} samples: {type(err).__name__}: {err}. Once it is repaired, re-run "
+        "the same command: the dump retries the shard, keeping the samples already cached"
+    )
     if strict:
         raise StrictModeError(f"--strict: {url}: {reason}") from err
     return reason

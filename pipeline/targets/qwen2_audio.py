@@ -13,6 +13,7 @@ from pipeline.inputs.conversation import BadSample, Message
 from pipeline.inputs.prompt import build_prompt, render_chat
 from pipeline.targets.base import AudioTarget, DraftDefaults, Sampling, StepOutput, TargetInputs, TargetStates
 from pipeline.targets.hf_generation import end_token_ids, generate_batch, pad_token_id
+from pipeline.targets.model_files import model_directory, tokenizer_digest, weights_digest
 
 AUDIO_TOKEN = "<|AUDIO|>"
 
@@ -34,6 +35,8 @@ class Qwen2AudioTarget(AudioTarget):
         self.tokenizer = self.processor.tokenizer
         text = self.model.config.text_config
         self.name_or_path = name_or_path
+        self.path = path
+        self._identity: dict | None = None
         self.num_layers = text.num_hidden_layers
         self.hidden_size = text.hidden_size
         self.vocab_size = text.vocab_size
@@ -113,15 +116,27 @@ class Qwen2AudioTarget(AudioTarget):
         )
 
     def identity(self) -> dict:
+        """What the target is, by content: a copy of the model elsewhere is the same target, any change of its
+        weights, tokenizer, chat template or audio features another one. Computed once (it hashes the weights)."""
+        if self._identity is None:
+            self._identity = self._describe()
+        return self._identity
+
+    def _describe(self) -> dict:
+        config = self.model.config.to_dict()
+        config.pop("_name_or_path", None)  # where it was loaded from, not what it is
         return {
             "name_or_path": self.name_or_path,
             "model_type": self.model.config.model_type,
             "architectures": [type(self.model).__name__],
-            "config": self.model.config.to_dict(),
+            "config": config,
+            "weights": weights_digest(model_directory(self.path)),
             "draft_defaults": dict(self.draft_defaults()),
             "tokenizer": type(self.tokenizer).__name__,
             "tokenizer_vocab_size": len(self.tokenizer),
+            "tokenizer_sha256": tokenizer_digest(self.tokenizer),
             "chat_template": self.processor.chat_template,
+            "feature_extractor": self.processor.feature_extractor.to_dict(),
             "audio_token": AUDIO_TOKEN,
             "audio_token_id": self.audio_token_id,
             "sampling_rate": self.sampling_rate,
