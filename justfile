@@ -40,9 +40,9 @@ eval-draft run_or_draft shards *flags:
 inspect-cache path *flags:
     {{py}} -m stages.inspect_cache "$1" "${@:2}"
 
-# Convert a JSONL manifest ({"audio": path, "conversations": [...]}) into webdataset tar shards.
-make-shards manifest out_pattern *flags:
-    {{py}} -m stages.make_shards "$1" "$2" "${@:3}"
+# Tar shards from a JSONL manifest (MANIFEST OUT_PATTERN) or an HF audio dataset (--hf-dataset PATH OUT_PATTERN ...).
+make-shards +args:
+    {{py}} -m stages.make_shards "$@"
 
 # Regenerate the bundled sample (needs espeak-ng).
 make-sample:
