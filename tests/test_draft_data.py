@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.cache.reader import CachePart, open_cache
+from pipeline.draft.serving import reads_merged
 from pipeline.inputs.split import eval_fraction
 from pipeline.train.data import (
     LoaderConfig,
@@ -19,7 +20,9 @@ from pipeline.train.data import (
 
 LAYERS = [5, 2]  # not the cache's order: aux follows the config
 # small budget and window: several windows and several batches per window on 36 samples of ~80-120 tokens
-SMALL = dict(layers=LAYERS, max_tokens=400, shuffle_window=12, mix_parts=2, eval_percent=10.0)
+SEED = 0  # LoaderConfig's default seed
+# merged: every batch's embeddings are then the cache's samples exactly (the other kinds are tested against it)
+SMALL = dict(layers=LAYERS, max_tokens=400, shuffle_window=12, mix_parts=2, eval_percent=10.0, audio_embeds="merged")
 
 
 def run(path, split="train", epoch=0, rank=0, world_size=1, skip=0, **overrides) -> list[dict]:
@@ -105,6 +108,29 @@ def test_placeholder_embeddings_differ_exactly_at_audio(reference_cache, cache, 
             assert audio.any()
             differs = (p["inputs_embeds"][j, :n] != m["inputs_embeds"][j, :n]).any(dim=-1)
             assert torch.equal(differs, audio)
+
+
+def test_mixed_gives_each_sample_merged_or_placeholder_embeddings_as_drawn(reference_cache, cache):
+    """``mixed``: each sample exactly as the merged or the placeholder loader gives it, as ``reads_merged`` drew,
+    some of each, drawn again each epoch."""
+    by_epoch = []
+    for epoch in (0, 1):
+        merged, placeholder = (
+            run(reference_cache, epoch=epoch),
+            run(reference_cache, epoch=epoch, audio_embeds="placeholder"),
+        )
+        mixed = run(reference_cache, epoch=epoch, audio_embeds="mixed", placeholder_share=0.5)
+        assert keys(mixed) == keys(merged)
+        drawn = {}
+        for x, m, p in zip(mixed, merged, placeholder, strict=True):
+            for j, key in enumerate(x["keys"]):
+                drawn[key] = reads_merged("mixed", key, SEED, epoch, 0.5)
+                assert torch.equal(x["inputs_embeds"][j], (m if drawn[key] else p)["inputs_embeds"][j]), key
+                for name in ("input_ids", "loss_mask", "aux", "final_hidden"):
+                    assert torch.equal(x[name][j], m[name][j])
+        assert 0 < sum(drawn.values()) < len(drawn)
+        by_epoch.append(drawn)
+    assert by_epoch[0] != by_epoch[1]
 
 
 def test_token_budget_and_long_samples(reference_cache, samples):

@@ -74,8 +74,8 @@ def test_shared_settings_have_one_default():
 
 
 def test_eval_flags():
-    cfg = eval_draft.parse_args(["runs/x", "s.tar", "--k", "3", "--split", "all", "--audio-embeds", "placeholder"])
-    assert (cfg.draft, cfg.shards, cfg.k, cfg.split, cfg.audio_embeds) == ("runs/x", "s.tar", 3, "all", "placeholder")
+    cfg = eval_draft.parse_args(["runs/x", "s.tar", "--k", "3", "--split", "all", "--serve", "vllm"])
+    assert (cfg.draft, cfg.shards, cfg.k, cfg.split, cfg.serve) == ("runs/x", "s.tar", 3, "all", "vllm")
 
 
 def test_a_nested_config_kept_whole_keeps_its_default():

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.draft.export import load_sglang_export
 from pipeline.draft.model import DraftConfig, Eagle3Draft, draft_vocab_from_counts
+from pipeline.draft.serving import as_served
 from pipeline.draft.teacher import Teacher
 from pipeline.draft.ttt_loss import TrainingTimeTest, replay_decoding, teacher_targets
 from pipeline.errors import PipelineError
@@ -223,10 +224,11 @@ def test_eval_stage_fails_on_a_mismatch_and_names_the_sample(trained_run, tmp_pa
 
 @torch.no_grad()
 def teacher_forced_rows(
-    target, draft: Eagle3Draft, prompt: TargetInputs, answer: list[int]
+    target, draft: Eagle3Draft, prompt: TargetInputs, answer: list[int], serve: str = "sglang"
 ) -> tuple[torch.Tensor, ...]:
     """(right [1, T, K], loss mask [1, T]) of the training-time test on prompt + answer, with the inputs the
-    cache would hold for it (the dump's forward: layer 0 is the merged input embeddings)."""
+    cache would hold for it (the dump's forward: layer 0 is the merged input embeddings), as the trainer's
+    evaluation feeds them for ``serve``."""
     ids = torch.cat([prompt.input_ids, torch.tensor(answer)])
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[len(prompt.input_ids) :] = True
@@ -234,20 +236,23 @@ def teacher_forced_rows(
     aux = torch.cat([states.hidden_states[i] for i in draft.config.aux_layers], dim=-1)
     batch = {"input_ids": ids[None], "loss_mask": mask[None], "inputs_embeds": states.hidden_states[0][None],
              "final_hidden": states.final_hidden[None], "aux": aux[None]}  # fmt: skip
+    placeholder = target.embed_tokens(torch.tensor([target.audio_token_id]))[0]
+    batch = as_served(batch, serve, target.audio_token_id, placeholder)
     teacher = Teacher(target.head_weights()["lm_head"].float(), draft.d2t, draft.t2d)
     _, _, right = TrainingTimeTest(draft, K)(batch, teacher_targets(teacher, batch))
     return right, mask[None]
 
 
+@pytest.mark.parametrize("serve", ["sglang", "vllm"])
 @pytest.mark.parametrize("which", ["untrained", "trained"])
-def test_replayed_decoding_from_teacher_forced_rows_equals_measured_decoding(request, target, prompts, which):
-    """The offline tau every evaluation reports (``replay_decoding``) is the measured one, pass for pass, where
-    the data are the target's own greedy answers."""
+def test_replayed_decoding_from_teacher_forced_rows_equals_measured_decoding(request, target, prompts, which, serve):
+    """The offline tau every evaluation reports (``replay_decoding``, per engine) is the measured one, pass for pass,
+    where the data are the target's own greedy answers: training's per-engine inputs are the engine's rows."""
     draft = random_draft(target) if which == "untrained" else request.getfixturevalue("trained_draft")
     passes = []
     for _, inputs, _ in prompts:
-        spec = speculative_generate(target, draft, inputs, cfg=SpecConfig(K, max_new_tokens=MAX_NEW))
-        right, mask = teacher_forced_rows(target, draft, inputs, spec.tokens)
+        spec = speculative_generate(target, draft, inputs, cfg=SpecConfig(K, max_new_tokens=MAX_NEW, serve=serve))
+        right, mask = teacher_forced_rows(target, draft, inputs, spec.tokens, serve)
         assert replay_decoding(right, mask, K) == (len(spec.tokens) - 1, len(spec.accepted_lengths))
         passes.append(spec.accepted_lengths)
     assert any(n > 1 for lengths in passes for n in lengths) or which == "untrained"  # some drafts were accepted

@@ -74,6 +74,8 @@ def test_other_layers_vocab_and_ttt_from_the_same_cache(reference_cache, tmp_pat
         "two-layers": ["--layers", "2,5"],
         "vocab-128": ["--draft-vocab-size", "128"],
         "ttt-2": ["--ttt-steps", "2"],
+        "merged": ["--audio-embeds", "merged"],
+        "mixed": ["--audio-embeds", "mixed", "--placeholder-share", "0.25"],
     }.items():
         args = [*SMALL, *flags, "--name", name, "--runs-dir", str(tmp_path), "--max-steps", "2"]
         proc = run_stage("stages.train_draft", str(reference_cache), *args)
@@ -84,6 +86,14 @@ def test_other_layers_vocab_and_ttt_from_the_same_cache(reference_cache, tmp_pat
             assert config["draft"]["draft_vocab_size"] == 128
         if name == "ttt-2":
             assert config["train"]["ttt_steps"] == 2
+        if name in ("merged", "mixed"):  # what it was trained for, in both exports and the console
+            engines = {"merged": ["sglang"], "mixed": ["sglang", "vllm"]}[name]
+            for export in ("draft", "draft-speculators"):
+                record = json.loads((tmp_path / name / export / "config.json").read_text())["audio_eagle"]
+                assert record["trained_audio_embeds"] == name and record["serve"] == engines
+            history = json.loads((tmp_path / name / "eval.json").read_text())
+            assert all(0 < h["tau_replay_sglang"] and 0 < h["tau_replay_vllm"] for h in history)
+            assert ("warning: this draft was trained on merged" in proc.stdout) == (name == "merged")
     assert (reference_cache / "manifest.json").read_text() == manifest_before  # no new dump
 
 
@@ -93,6 +103,7 @@ def test_other_layers_vocab_and_ttt_from_the_same_cache(reference_cache, tmp_pat
         (["--layers", "3"], "the cache captured [2, 4, 5], not [3]"),
         (["--target", "Qwen/Qwen2-Audio-7B-Instruct"], "not --target"),
         (["--draft-vocab-size", "5000"], "exceeds the target vocab"),
+        (["--hidden-size", "32"], "its width is the target's hidden size 64"),
     ],
 )
 def test_a_cache_that_does_not_fit_stops_before_training(reference_cache, tmp_path, flags, message):

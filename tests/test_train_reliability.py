@@ -129,12 +129,12 @@ def test_an_unfinished_cache_with_no_sample_yet_says_so(reference_cache, tmp_pat
     [
         (["--layers", "4,2,5"], ["--layers: [2, 4, 5] in the checkpoint, [4, 2, 5] now"]),  # same count, same shapes
         (
-            ["--hidden-size", "32", "--ttt-steps", "3"],
-            ["--hidden-size: 64 in the checkpoint, 32 now", "--ttt-steps: 2 in the checkpoint, 3 now"],
+            ["--intermediate-size", "96", "--ttt-steps", "3"],
+            ["--intermediate-size: 128 in the checkpoint, 96 now", "--ttt-steps: 2 in the checkpoint, 3 now"],
         ),
         (
             ["--lr", "0.01", "--audio-embeds", "placeholder"],
-            ["--lr: 0.0003 in the checkpoint, 0.01 now", "--audio-embeds: 'merged' in the checkpoint"],
+            ["--lr: 0.0003 in the checkpoint, 0.01 now", "--audio-embeds: 'mixed' in the checkpoint"],
         ),
         ("other cache", ["the cache's samples: 36 in the checkpoint, 27 now"]),  # same target and dimensions
     ],

@@ -54,6 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.draft.model import DraftConfig, Eagle3Draft
+from pipeline.draft.serving import ServingRecord
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -95,6 +96,11 @@ def _check_servable(cfg: DraftConfig) -> None:
 
 
 def _save(state: dict[str, torch.Tensor], config: dict, out_dir: str | Path, dtype: torch.dtype) -> Path:
+    # An embed_tokens in the checkpoint would be what the draft embeds with: SGLang replaces it with the target's
+    # (set_embed), vLLM keeps it unless identical to the target's, so the two engines would serve different drafts.
+    shipped = [k for k in state if "embed_tokens" in k]
+    if shipped:
+        raise ValueError(f"a draft export must not ship token embeddings (the servers use the target's): {shipped}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Float weights in the serving dtype; d2t (int64) and t2d (bool) keep theirs.
@@ -109,9 +115,12 @@ def export_sglang(
     config: DraftConfig,
     out_dir: str | Path,
     target_name_or_path: str,
+    record: ServingRecord | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
-    """SpecForge/SGLang layout: ``config.json`` (LlamaForCausalLMEagle3) + ``model.safetensors`` (midlayer.*)."""
+    """SpecForge/SGLang layout: ``config.json`` (LlamaForCausalLMEagle3) + ``model.safetensors`` (midlayer.*).
+
+    ``record``: what the draft was trained on at audio positions, kept in the config (no server reads it)."""
     _check_servable(config)
     cfg = {
         "architectures": ["LlamaForCausalLMEagle3"],
@@ -120,6 +129,7 @@ def export_sglang(
         "target_hidden_size": config.target_hidden_size,
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in config.aux_layers]},
         "target_name_or_path": target_name_or_path,  # provenance only; no server reads it
+        **(record.to_config() if record else {}),
     }
     return _save(model.state_dict(), cfg, out_dir, dtype)
 
@@ -131,6 +141,7 @@ def export_speculators(
     target_name_or_path: str,
     target_architectures: list[str],
     speculative_tokens: int,
+    record: ServingRecord | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
     """vLLM speculators layout: ``config.json`` (speculators eagle3) + ``model.safetensors`` (layers.0.*).
@@ -161,6 +172,7 @@ def export_speculators(
             "verifier": {"name_or_path": target_name_or_path, "architectures": list(target_architectures)},
         },
         "torch_dtype": _dtype_name(dtype),
+        **(record.to_config() if record else {}),
     }
     state = {k.replace("midlayer.", "layers.0.", 1): v for k, v in model.state_dict().items()}
     return _save(state, cfg, out_dir, dtype)

@@ -25,6 +25,7 @@ import torch
 
 from pipeline.draft.export import CONFIG, load_sglang_export
 from pipeline.draft.model import Eagle3Draft
+from pipeline.draft.serving import Engine, ServingRecord, check_engine
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate.speculative import GreedyResult, SpecConfig, SpecResult, plain_greedy, speculative_generate
 from pipeline.inputs.audio import AudioError, AudioPolicy, decode_audio
@@ -62,8 +63,10 @@ class EvalConfig:
     tie_tolerance: float = setting(
         0.0, "a mismatch whose target logit gap is at most this is a floating-point tie, not a failure (bf16)"
     )
-    audio_embeds: Literal["merged", "placeholder"] = setting(
-        "merged", "what the draft reads at audio positions: merged audio embeddings (SGLang) or the placeholder's"
+    serve: Literal["sglang", "vllm"] | None = setting(
+        None,
+        "decode as this engine feeds the draft (at audio positions: sglang the merged audio embeddings, vllm the "
+        "placeholder's; see pipeline/draft/serving.py); default: the engine the draft was trained for",
     )
 
 
@@ -195,6 +198,18 @@ def plot(summary: dict, k: int, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def serving_engine(draft_dir: Path, wanted: str | None) -> Engine:
+    """The engine to emulate: ``wanted``, or the one the draft was trained for; warns on a mismatch."""
+    record = ServingRecord.from_config(json.loads((draft_dir / CONFIG).read_text()))
+    if record is None:  # exported before drafts recorded what they were trained on
+        return check_engine(wanted or "sglang")
+    engine = check_engine(wanted or record.engines[0])
+    warning = record.warning(engine)
+    if warning:
+        print(warning, flush=True)
+    return engine
+
+
 def load(cfg: EvalConfig) -> tuple[AudioTarget, Eagle3Draft, str]:
     """-> (the target adapter, the draft on its device in its dtype, the target's name)."""
     draft_dir, _ = locate(cfg.draft)
@@ -232,7 +247,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     eval_percent = held_out_percent(run, cfg.split)
     out = Path(cfg.out) if cfg.out else (run / "eval" if run else draft_dir.with_name(draft_dir.name + "-eval"))
     out.mkdir(parents=True, exist_ok=True)
-    spec_cfg = SpecConfig(cfg.k, cfg.max_new_tokens, audio_embeds=cfg.audio_embeds)
+    serve = serving_engine(draft_dir, cfg.serve)
+    spec_cfg = SpecConfig(cfg.k, cfg.max_new_tokens, serve=serve)
 
     skipped: list[dict] = []
     results: list[tuple[str, SpecResult, GreedyResult]] = []
@@ -270,6 +286,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "model": model,
         "shards": cfg.shards,
         "split": "all" if eval_percent is None else f"held-out ({eval_percent}%)",
+        "serve": serve,
         "config": asdict(cfg),
         "device": str(target.device),
         "dtype": str(target.dtype).removeprefix("torch."),

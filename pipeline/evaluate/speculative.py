@@ -8,9 +8,9 @@ floating-point ties between batched and one-token forwards), whatever the propos
 Bookkeeping, with n = tokens the target has processed so far:
     tokens[0..n]  prompt + generated ids; tokens[n] is the pending token (the target's choice, not yet fed to it)
     aux[0..n-1]   the target's concatenated aux hidden states (layers ``aux_layers``, HF hidden_states indices)
-    embeds[0..n]  the draft's input embeddings: the target's merged input embeddings (the prefill's
-                  ``input_embeds``: audio features at audio positions, as SGLang feeds) for prompt tokens,
-                  ``embed_tokens`` after
+    embeds[1..n]  the draft's input embeddings: embeds[t+1] is what the draft's row t reads, as the serving
+                  engine builds it (``serving.draft_prefill_embeds``: at audio positions the merged audio features
+                  for SGLang, the placeholder's embedding for vLLM); ``embed_tokens`` of the generated tokens
 The EAGLE-3 draft reads row t = (aux[t], embeds[t+1]) and predicts token t+2, as in training (``ttt_loss``).
 """
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.draft.model import Eagle3Draft, TTTCache, apply_rotary
+from pipeline.draft.serving import Engine, check_engine, draft_prefill_embeds
 from pipeline.draft.ttt_loss import shift_left
 from pipeline.targets.base import AudioTarget, StepOutput, TargetInputs
 
@@ -33,15 +34,12 @@ class SpecConfig:
     num_draft_tokens: int = 7  # K: draft tokens proposed per round (the chain length)
     max_new_tokens: int = 64
     eos_token_ids: list[int] | None = None  # None: the target's
-    # What the draft reads at audio positions: the merged audio embeddings (what SGLang feeds a multimodal draft)
-    # or the placeholder token's embedding (what a text-only server would feed).
-    audio_embeds: str = "merged"
+    serve: Engine = "sglang"  # the engine whose draft inputs are emulated (``serving``)
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 0 or self.max_new_tokens < 1:
             raise ValueError(f"need num_draft_tokens >= 0 and max_new_tokens >= 1, got {self}")
-        if self.audio_embeds not in ("merged", "placeholder"):
-            raise ValueError(f"audio_embeds must be 'merged' or 'placeholder', not {self.audio_embeds!r}")
+        check_engine(self.serve)
 
 
 @dataclass
@@ -281,12 +279,14 @@ def speculative_generate(
         aux=aux.new_empty(capacity, aux.shape[-1]),
         embeds=out.input_embeds.new_empty(capacity, out.input_embeds.shape[-1]),
     )
-    prompt_embeds = out.input_embeds if cfg.audio_embeds == "merged" else target.embed_tokens(ids)
-    buf.tokens[:T], buf.aux[:T], buf.embeds[:T] = ids, aux, prompt_embeds
     first = int(out.logits[-1].argmax())
     n = T  # tokens the target has processed; buf.tokens[n] is pending
-    buf.tokens[n] = first
-    buf.embeds[n] = target.embed_tokens(buf.tokens[n : n + 1])[0]
+    buf.tokens[:T], buf.aux[:T], buf.tokens[n] = ids, aux, first
+    # The draft's prefill rows as the engine builds them: row t (buf.embeds[t + 1]) reads token t+1, the last row
+    # the sampled token. buf.embeds[0] is never read.
+    sampled = target.embed_tokens(buf.tokens[n : n + 1])
+    buf.embeds[0] = out.input_embeds[0]
+    buf.embeds[1 : T + 1] = draft_prefill_embeds(cfg.serve, out.input_embeds, target.embed_tokens(ids), [T], sampled)
     buf.generated.append(first)
     done = first in eos or cfg.max_new_tokens <= 1
 

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.cache.format import STORED_DTYPES, hidden_name
 from pipeline.cache.reader import HiddenStateCache, open_cache
 from pipeline.cache.rows import RowReader
+from pipeline.draft.serving import check_audio_embeds, reads_merged
 from pipeline.inputs.split import Split, in_split
 from pipeline.settings import setting
 
@@ -52,11 +53,17 @@ def max_tokens_setting():
 
 
 def audio_embeds_setting():
+    # mixed by default: on the quality benchmark it matched the draft trained for each engine under both (README)
     return setting(
-        "merged",
+        "mixed",
         "what the draft reads at audio positions: the cached merged audio embeddings (what SGLang feeds a served "
-        "draft) or the placeholder token's embedding (what text-only trainers use)",
+        "draft), the placeholder token's embedding (what vLLM feeds it), or mixed: each sample one or the other "
+        "(seeded), so that one draft serves under both engines",
     )
+
+
+def placeholder_share_setting():
+    return setting(0.5, "under --audio-embeds mixed: the share of samples (per epoch) given placeholder embeddings")
 
 
 def eval_percent_setting():
@@ -76,7 +83,8 @@ class LoaderConfig:
     layers: list[int]  # HF hidden_states indices concatenated into ``aux``, in this order; must be in the cache
     max_tokens: int = max_tokens_setting()
     max_length: int | None = None  # cut every sample to this many tokens
-    audio_embeds: Literal["merged", "placeholder"] = audio_embeds_setting()
+    audio_embeds: Literal["merged", "placeholder", "mixed"] = audio_embeds_setting()
+    placeholder_share: float = placeholder_share_setting()
     eval_percent: float = eval_percent_setting()
     num_workers: int = num_workers_setting()
     prefetch_factor: int = 4  # batches in flight per worker
@@ -89,8 +97,7 @@ class LoaderConfig:
     pin_memory: bool | None = None  # default: when CUDA is available
 
     def __post_init__(self) -> None:
-        if self.audio_embeds not in ("merged", "placeholder"):
-            raise ValueError(f"audio_embeds must be 'merged' or 'placeholder', not {self.audio_embeds!r}")
+        check_audio_embeds(self.audio_embeds, self.placeholder_share)
         if not self.layers:
             raise ValueError("LoaderConfig.layers: at least one auxiliary layer")
         if self.max_tokens < 1 or self.shuffle_window < 1 or self.mix_parts < 1:
@@ -269,13 +276,14 @@ def coalesce(spans: list[tuple[int, int]], chunk: int) -> list[tuple[int, int, l
 class BatchReader:
     """Reads the samples of one planned batch straight into the padded batch tensors."""
 
-    def __init__(self, cache: HiddenStateCache, cfg: LoaderConfig, source: PackedSource, shared: bool = False):
-        self.cache, self.cfg, self.source, self.shared = cache, cfg, source, shared
+    def __init__(
+        self, cache: HiddenStateCache, cfg: LoaderConfig, source: PackedSource, shared: bool = False, epoch: int = 0
+    ):
+        self.cache, self.cfg, self.source, self.shared, self.epoch = cache, cfg, source, shared, epoch
         # destination of each token array in the builder: (name, column block)
         self.token_arrays = {"input_ids": ("input_ids", 0), "loss_mask": ("loss_mask", 0)}
         self.token_arrays |= {hidden_name(layer): ("aux", j) for j, layer in enumerate(cfg.layers)}
         self.token_arrays |= {"final_hidden": ("final_hidden", 0)}
-        self.merged = cfg.audio_embeds == "merged"
         self.open_parts: list[int] = []  # most recent last; older ones are released
 
     def read(self, refs: list[SampleRef]) -> dict:
@@ -290,19 +298,26 @@ class BatchReader:
                 self._copy_runs(part, name, spans, members, chunk, partial(out.put, dest, column=column))
         for b in range(len(refs)):
             out.embed(b)
-        if self.merged:
-            for b, ref in enumerate(refs):
-                if len(out.audio_at[b]) > ref.audio_stop - ref.audio_start:
-                    raise ValueError(
-                        f"sample {ref.key}: {len(out.audio_at[b])} audio positions but only "
-                        f"{ref.audio_stop - ref.audio_start} cached audio embeddings"
-                    )
-            for part, members in by_part.items():
-                spans = [(refs[b].audio_start, refs[b].audio_stop) for b in members]
-                self._copy_runs(part, "audio_embeds", spans, members, chunk, out.put_audio)
+        merged = {b for b, ref in enumerate(refs) if self._reads_merged(ref.key)}  # the rest keep placeholders
+        for b in sorted(merged):
+            ref = refs[b]
+            if len(out.audio_at[b]) > ref.audio_stop - ref.audio_start:
+                raise ValueError(
+                    f"sample {ref.key}: {len(out.audio_at[b])} audio positions but only "
+                    f"{ref.audio_stop - ref.audio_start} cached audio embeddings"
+                )
+        for part, members in by_part.items():
+            audio_members = [b for b in members if b in merged]
+            if audio_members:
+                spans = [(refs[b].audio_start, refs[b].audio_stop) for b in audio_members]
+                self._copy_runs(part, "audio_embeds", spans, audio_members, chunk, out.put_audio)
         for part in by_part:
             self._touch(part)
         return out.finish([r.key for r in refs])
+
+    def _reads_merged(self, key: str) -> bool:
+        cfg = self.cfg
+        return reads_merged(cfg.audio_embeds, key, cfg.seed, self.epoch, cfg.placeholder_share)
 
     def _copy_runs(self, part, name, spans, members, chunk, put: Callable[[int, int, np.ndarray], None]) -> None:
         """One read per run of neighbouring spans; each piece goes to the samples whose rows it holds."""
@@ -411,7 +426,8 @@ class DraftDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         cache = open_cache(self.cache_path)
-        reader = BatchReader(cache, self.cfg, self.source(cache), shared=get_worker_info() is not None)
+        shared = get_worker_info() is not None
+        reader = BatchReader(cache, self.cfg, self.source(cache), shared=shared, epoch=self.epoch)
         plan = plan_batches(cache, self.cfg, self.split, self.epoch)
         for refs in rank_batches(plan, self.rank, self.world_size, self.skip_batches, self.cfg.even_ranks):
             yield reader.read(refs)

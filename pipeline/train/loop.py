@@ -7,6 +7,7 @@ The whole loop is ``train`` below; everything it composes lives in its own modul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from pipeline.cache.reader import HiddenStateCache, open_cache
 from pipeline.draft.export import export_sglang, export_speculators
 from pipeline.draft.model import DraftConfig, Eagle3Draft
+from pipeline.draft.serving import ENGINE_NAMES, ENGINES, Engine, ServingRecord, as_served
 from pipeline.draft.teacher import Teacher
 from pipeline.draft.ttt_loss import StepStats, TrainingTimeTest, replay_decoding, teacher_targets
 from pipeline.draft.vocab import load_or_build_draft_vocab
@@ -36,6 +38,7 @@ from pipeline.train.data import (
     make_loader,
     max_tokens_setting,
     num_workers_setting,
+    placeholder_share_setting,
     seed_setting,
 )
 from pipeline.train.distributed import distribute, load_states, local_parameter_share, model_state, optimizer_state
@@ -58,13 +61,14 @@ class TrainConfig:
         None, "aux layers (HF hidden_states indices) the draft reads, e.g. 2,16,29 (default: EAGLE-3's 2, L//2, L-3)"
     )
     draft_vocab_size: int | None = setting(None, "draft vocabulary size (default: 32000, or the target's if smaller)")
-    hidden_size: int | None = setting(None, "draft width (default: the target's)")
+    hidden_size: int | None = setting(None, "draft width: the target's (the draft reads its token embeddings)")
     intermediate_size: int | None = setting(None, "draft MLP width (default: the target's)")
     num_attention_heads: int | None = setting(None, "default: the target's")
     num_key_value_heads: int | None = setting(None, "default: the target's")
     ttt_steps: int = setting(7, "training-time test steps K: the draft is trained on its own fed-back states")
     loss_decay: float = setting(0.8, "step k's loss weight is loss_decay ** k")
-    audio_embeds: Literal["merged", "placeholder"] = audio_embeds_setting()
+    audio_embeds: Literal["merged", "placeholder", "mixed"] = audio_embeds_setting()
+    placeholder_share: float = placeholder_share_setting()
     # Optimisation.
     lr: float = setting(3e-4, "peak AdamW learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -166,6 +170,13 @@ def build_draft_config(cache: HiddenStateCache, cfg: TrainConfig, layers: list[i
     defaults = cache.target["draft_defaults"]
     if defaults["hidden_size"] != cache.info["hidden_size"]:
         raise ConfigError(f"cache hidden size {cache.info['hidden_size']} differs from its target's {defaults}")
+    if cfg.hidden_size not in (None, defaults["hidden_size"]):
+        # The draft embeds tokens with the target's embed_tokens, as both engines serve it (SGLang's set_embed, vLLM
+        # sharing an export without embeddings); another width would need an embedding table of its own.
+        raise ConfigError(
+            f"--hidden-size {cfg.hidden_size}: an EAGLE-3 draft reads the target's token embeddings, so its width "
+            f"is the target's hidden size {defaults['hidden_size']}; change --intermediate-size or the heads instead"
+        )
     draft = DraftConfig.from_text_config(defaults, layers, cfg.draft_vocab_size)
     overrides = {
         "hidden_size": cfg.hidden_size,
@@ -272,9 +283,11 @@ def train(cfg: TrainConfig) -> Path:
         position = trainer["data"][acc.process_index]
         acc.print(f"resumed from {checkpoint} at step {step}")
     loader_cfg = LoaderConfig(
-        layers=layers, max_tokens=cfg.max_tokens, audio_embeds=cfg.audio_embeds, eval_percent=cfg.eval_percent,
-        num_workers=cfg.num_workers, seed=cfg.seed,
+        layers=layers, max_tokens=cfg.max_tokens, audio_embeds=cfg.audio_embeds,
+        placeholder_share=cfg.placeholder_share, eval_percent=cfg.eval_percent, num_workers=cfg.num_workers,
+        seed=cfg.seed,
     )  # fmt: skip
+    served = ServedEval(cache, ServingRecord(cfg.audio_embeds, cfg.placeholder_share))
     batches = Batches(acc, cfg.cache, loader_cfg, **position)
     if acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
@@ -288,7 +301,7 @@ def train(cfg: TrainConfig) -> Path:
     window, tokens, started, waited = StepStats.zeros(cfg.ttt_steps), 0, time.time(), 0.0
 
     if step == 0:  # the untrained draft: the baseline every later evaluation is read against
-        history.append({"step": 0, **evaluate(acc, model, teacher, cfg, loader_cfg)})
+        history.append({"step": 0, **evaluate(acc, model, teacher, cfg, loader_cfg, served)})
     while step < total_steps:
         ask = time.time()
         group = batches.next_group(cfg.grad_accum)
@@ -319,13 +332,14 @@ def train(cfg: TrainConfig) -> Path:
             )
             window, tokens, started, waited = StepStats.zeros(cfg.ttt_steps), 0, time.time(), 0.0
         if step % cfg.eval_every == 0 or step == total_steps:
-            metrics = evaluate(acc, model, teacher, cfg, loader_cfg)
+            metrics = evaluate(acc, model, teacher, cfg, loader_cfg, served)
             history.append({"step": step, **metrics})
             _log(tb, "eval", step, metrics)
             acc.print(
                 f"step {step} eval: "
                 + " ".join(f"acc_{k} {metrics[f'acc_{k}']:.3f}" for k in range(cfg.ttt_steps))
                 + f" tau: replayed {metrics['tau_replay']:.2f}, prod(cond_acc) {metrics['expected_accept_len']:.2f}"
+                + "".join(f", served as {ENGINE_NAMES[e]} {metrics[f'tau_replay_{e}']:.2f}" for e in ENGINES)
             )
             if acc.is_main_process:
                 plot_acceptance(history, run / "acceptance.png", f"{cfg.name}: held-out acc_k")
@@ -348,15 +362,34 @@ def train(cfg: TrainConfig) -> Path:
     return run
 
 
+class ServedEval:
+    """How held-out batches are fed to the draft for each engine's evaluation: read with the merged audio
+    embeddings once, and given the placeholder's for vLLM (``serving.as_served``). The engine the draft was trained
+    for (the first, for ``mixed``) gives the headline metrics; every engine gets its own ``tau_replay_<engine>``."""
+
+    def __init__(self, cache: HiddenStateCache, record: ServingRecord):
+        self.audio_token_id = cache.audio_token_id
+        self.placeholder = torch.as_tensor(cache.embed_tokens[cache.audio_token_id]).clone()
+        self.primary: Engine = record.engines[0]
+
+    def batches(self, batch: dict) -> dict[Engine, dict]:
+        return {e: as_served(batch, e, self.audio_token_id, self.placeholder) for e in ENGINES}
+
+
 @torch.no_grad()
-def evaluate(acc: Accelerator, model, teacher: Teacher, cfg: TrainConfig, loader_cfg: LoaderConfig) -> dict:
+def evaluate(
+    acc: Accelerator, model, teacher: Teacher, cfg: TrainConfig, loader_cfg: LoaderConfig, served: ServedEval
+) -> dict:
     # Unwrapped: ranks hold different numbers of eval batches and DDP's forward would sync buffers each call. An
     # FSDP forward is itself a collective, so there every rank runs as many forwards as the busiest one, repeating
     # its last batch (or a stand-in) without counting it.
     net = acc.unwrap_model(model)
     net.eval()
-    total, last, replayed = StepStats.zeros(cfg.ttt_steps), None, torch.zeros(2, dtype=torch.float64)
-    batches = iter(make_loader(cfg.cache, loader_cfg, "eval", 0, acc.process_index, acc.num_processes))
+    total = {e: StepStats.zeros(cfg.ttt_steps) for e in ENGINES}
+    replayed = {e: torch.zeros(2, dtype=torch.float64) for e in ENGINES}
+    last = None
+    read = dataclasses.replace(loader_cfg, audio_embeds="merged")  # each engine's inputs are made from these
+    batches = iter(make_loader(cfg.cache, read, "eval", 0, acc.process_index, acc.num_processes))
     while True:
         batch = next(batches, None)
         more = batch is not None
@@ -367,14 +400,22 @@ def evaluate(acc: Accelerator, model, teacher: Teacher, cfg: TrainConfig, loader
         if batch is not None:
             last = batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         feed = batch or last or _stand_in(net)
-        with acc.autocast():
-            _, sums, right = net(feed, teacher_targets(teacher, feed))
-        if batch is not None:
-            total = total + StepStats(sums.cpu())
-            replayed += torch.tensor(replay_decoding(right, batch["loss_mask"], cfg.ttt_steps), dtype=torch.float64)
+        targets = teacher_targets(teacher, feed)  # the teacher reads the final states: the same for every engine
+        for engine, fed in served.batches(feed).items():
+            with acc.autocast():
+                _, sums, right = net(fed, targets)
+            if batch is not None:
+                total[engine] = total[engine] + StepStats(sums.cpu())
+                replay = replay_decoding(right, batch["loss_mask"], cfg.ttt_steps)
+                replayed[engine] += torch.tensor(replay, dtype=torch.float64)
     net.train()
-    tokens, passes = acc.reduce(replayed.to(acc.device), reduction="sum").tolist()
-    return {**_reduce(acc, total).summary(), "tau_replay": tokens / passes if passes else 1.0}
+    metrics = {}
+    for engine in ENGINES:
+        tokens, passes = acc.reduce(replayed[engine].to(acc.device), reduction="sum").tolist()
+        metrics[engine] = {**_reduce(acc, total[engine]).summary(), "tau_replay": tokens / passes if passes else 1.0}
+    named = ("tau_replay", "acc_0", "expected_accept_len")
+    per_engine = {f"{name}_{e}": metrics[e][name] for e in ENGINES for name in named}
+    return {**metrics[served.primary], **per_engine}
 
 
 def _stand_in(net) -> dict:
@@ -404,9 +445,16 @@ def _log(tb: SummaryWriter | None, split: str, step: int, metrics: dict) -> None
 
 def _export(draft: Eagle3Draft, draft_cfg: DraftConfig, cfg: TrainConfig, cache: HiddenStateCache, run: Path) -> None:
     target, architectures = cache.info["model"], cache.target["architectures"]
+    record = ServingRecord(cfg.audio_embeds, cfg.placeholder_share)
     try:
-        export_sglang(draft, draft_cfg, run / "draft", target)
-        export_speculators(draft, draft_cfg, run / "draft-speculators", target, architectures, cfg.ttt_steps)
-        print(f"exported {run / 'draft'} (SGLang) and {run / 'draft-speculators'} (vLLM speculators)")
+        export_sglang(draft, draft_cfg, run / "draft", target, record)
+        export_speculators(draft, draft_cfg, run / "draft-speculators", target, architectures, cfg.ttt_steps, record)
+        print(
+            f"exported {run / 'draft'} (SGLang) and {run / 'draft-speculators'} (vLLM speculators), trained on "
+            f"{cfg.audio_embeds} audio embeddings: for {' and '.join(ENGINE_NAMES[e] for e in record.engines)}"
+        )
+        for engine in ENGINES:
+            if record.warning(engine):
+                print(record.warning(engine))
     except ValueError as err:  # e.g. not 3 aux layers: trainable for experiments, not servable
         print(f"not exported for the servers: {err}")

@@ -4,10 +4,12 @@
     2. fresh tone clips for the draft (train) and held-out clips (eval), as webdataset shards
     3. regenerate the train shards' answers with the target itself
     4. dump one cache with every layer captured
-    5. train draft variants from that one cache: TTT 7 vs 1, merged vs placeholder audio embeddings,
+    5. train draft variants from that one cache: TTT 7 vs 1, audio embeddings merged / placeholder / mixed,
        draft vocab sizes, auxiliary layer choices
-    6. speculative decoding of every variant on the held-out clips (lossless-checked), K=7
-    7. QUALITY.md + quality.png: measured tau per variant, and the offline (teacher-forced) estimate against it
+    6. speculative decoding of every variant on the held-out clips (lossless-checked), K=7, with the draft's inputs
+       as SGLang or vLLM builds them (``eval-draft --serve``): the audio-embeddings variants under both engines
+    7. QUALITY.md + quality.png: measured tau per variant, the trained-on x served-by matrix, and the offline
+       (teacher-forced) estimate against each measured tau
 
 Each step is the project's own stage run as a user runs it, so the benchmark exercises the real commands.
 Finished steps are skipped on a re-run (delete ROOT to start over).
@@ -38,11 +40,11 @@ BASE = ["--ttt-steps", "7", "--draft-vocab-size", "256", "--layers", "2,4,5"]
 @dataclass(frozen=True)
 class Variant:
     """One measured row: a draft trained with ``train`` flags (in run ``run``, default: named after the row),
-    evaluated with eval-draft's ``serve`` flags (default: served as SGLang serves, merged audio embeddings)."""
+    decoded with its inputs built as ``serve`` builds them (eval-draft --serve)."""
 
     name: str
     train: list[str]
-    serve: list[str] = field(default_factory=list)
+    serve: str = "sglang"
     run: str | None = None
 
     @property
@@ -51,14 +53,23 @@ class Variant:
 
     @property
     def eval_dir(self) -> str:
-        return f"eval-{slug(self.name)}" if self.serve else "eval"
+        return f"eval-{self.serve}"
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "-", name.split(" (")[0]).strip("-")
 
 
-PLACEHOLDER = [*BASE, "--audio-embeds", "placeholder"]
+AUDIO_EMBEDS = ("merged", "placeholder", "mixed")
+
+
+def serving_matrix() -> list[Variant]:
+    """Drafts trained on each kind of audio-position input, each decoded as each engine feeds it."""
+    return [
+        Variant(f"{embeds} embeds, served by {serve}", [*BASE, "--audio-embeds", embeds], serve, f"{embeds}-embeds")
+        for embeds in AUDIO_EMBEDS
+        for serve in ("sglang", "vllm")
+    ]
 
 
 @dataclass
@@ -75,15 +86,8 @@ class QualityPlan:
     max_new_tokens: int = 24  # tunes are at most 16 notes, one token each, then <|im_end|>
     variants: list[Variant] = field(
         default_factory=lambda: [
-            Variant("base (ttt7, merged, vocab 256, layers 2,4,5)", BASE),
+            *serving_matrix(),
             Variant("ttt1", [*BASE, "--ttt-steps", "1"]),
-            Variant("placeholder embeds, served merged as by SGLang", PLACEHOLDER, run="placeholder-audio-embeds"),
-            Variant(
-                "placeholder embeds, served placeholder",
-                PLACEHOLDER,
-                ["--audio-embeds", "placeholder"],
-                run="placeholder-audio-embeds",
-            ),  # fmt: skip
             Variant("vocab 64", [*BASE, "--draft-vocab-size", "64"]),
             Variant("vocab 1024", [*BASE, "--draft-vocab-size", "1024"]),
             Variant("layers 1,2,3", [*BASE, "--layers", "1,2,3"]),
@@ -103,7 +107,7 @@ class QualityPlan:
         """The CI-sized run (a few CPU minutes): a briefly trained target, one draft, a few held-out clips."""
         return cls(
             root=root, target_flags=["--steps", "300", "--train-clips", "1200", "--eval-clips", "10"],
-            draft_clips=240, eval_percent=8.0, draft_steps=160, variants=[Variant("base", BASE)],
+            draft_clips=240, eval_percent=8.0, draft_steps=160, variants=[Variant("base", BASE, run="base")],
         )  # fmt: skip
 
 
@@ -141,13 +145,14 @@ def run(plan: QualityPlan) -> list[dict]:
             # The run's held-out clips: the very samples its offline estimate was computed on.
             stage("stages.eval_draft", str(run_dir), f"{data}/train-regen/*.tar", "--model", str(target),
                   "--split", "eval", "--k", str(plan.k), "--max-new-tokens", str(plan.max_new_tokens),
-                  "--out", str(eval_dir), *variant.serve)  # fmt: skip
+                  "--out", str(eval_dir), "--serve", variant.serve)  # fmt: skip
         measured = json.loads((eval_dir / "eval.json").read_text())
-        offline = json.loads((run_dir / "eval.json").read_text())[-1]
-        results.append({"variant": variant.name, "tau": measured["tau"], "offline_tau": offline["tau_replay"],
-                        "product_tau": offline["expected_accept_len"],
-                        "acc_0": offline["acc_0"], "lossless": measured["lossless"],
-                        "clips": measured["samples"]})  # fmt: skip
+        offline = json.loads((run_dir / "eval.json").read_text())[-1]  # the held-out figures, per engine
+        s = variant.serve
+        results.append({"variant": variant.name, "serve": s, "tau": measured["tau"],
+                        "offline_tau": offline[f"tau_replay_{s}"], "product_tau": offline[f"expected_accept_len_{s}"],
+                        "acc_0": offline[f"acc_0_{s}"], "lossless": measured["lossless"],
+                        "speedup": measured["tokens_per_s"]["speedup"], "clips": measured["samples"]})  # fmt: skip
     report(plan, results, time.time() - started)
     return results
 
@@ -155,7 +160,8 @@ def run(plan: QualityPlan) -> list[dict]:
 def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
     out = plan.root
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    names = [r["variant"].split(" (")[0] for r in results]
+    names = [r["variant"].split(" (")[0] + ("" if " served by " in r["variant"] else f" [{r['serve']}]")
+             for r in results]  # fmt: skip
     left.barh(names, [r["tau"] for r in results], color="tab:blue")
     left.axvline(4.0, color="k", ls=":", lw=0.8)
     left.set(xlabel=f"measured acceptance length tau (K={plan.k})", title="held-out melody clips, lossless")
@@ -173,8 +179,8 @@ def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
     fig.savefig(out / "quality.png", dpi=100)
     plt.close(fig)
     rows = "\n".join(
-        f"| {r['variant']} | {r['tau']:.2f} | {r['offline_tau']:.2f} | {r['product_tau']:.2f} | {r['acc_0']:.3f} | "
-        f"{'yes' if r['lossless'] else 'NO'} |"
+        f"| {r['variant']} | {r['serve']} | {r['tau']:.2f} | {r['offline_tau']:.2f} | {r['product_tau']:.2f} | "
+        f"{r['acc_0']:.3f} | {r['speedup']:.2f}x | {'yes' if r['lossless'] else 'NO'} |"
         for r in results
     )
     stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in STAGE_SECONDS.items())
@@ -184,11 +190,34 @@ def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
         f"({plan.eval_percent:g}% of the keys, {results[0]['clips']} clips, never trained on), at most "
         f"{plan.max_new_tokens} new tokens, every output checked equal to plain greedy.\n"
         f"Draft data: {_data_words(plan)}; answers regenerated by the target. {plan.draft_steps} draft steps.\n\n"
-        "| variant | measured tau | offline: decoding replayed | offline: 1 + sum prod cond_acc | held-out acc_0 "
-        f"| lossless |\n|---|---|---|---|---|---|\n{rows}\n\n![quality](quality.png)\n"
+        f"{serving_table(results)}"
+        "| variant | served by | measured tau | offline: decoding replayed | offline: 1 + sum prod cond_acc | "
+        "held-out acc_0 | speed vs plain greedy | lossless |\n|---|---|---|---|---|---|---|---|\n"
+        f"{rows}\n\n![quality](quality.png)\n"
     )
     (out / "quality.json").write_text(json.dumps({"minutes": seconds / 60, "results": results}, indent=1))
     print((out / "QUALITY.md").read_text())
+
+
+def serving_table(results: list[dict]) -> str:
+    """The trained-on x served-by matrix (measured tau, offline replay in brackets) and the mixed draft against the
+    draft trained for each engine; empty when the run has no such rows."""
+    cell = {(r["variant"].split(" embeds")[0], r["serve"]): r for r in results if " embeds, served by " in r["variant"]}
+    if not cell:
+        return ""
+    lines = ["## Which engine: what the draft reads at audio positions\n",
+             "Measured tau (offline replay in brackets), the same held-out clips, K=7:\n",
+             "| trained on \\ served by | SGLang (merged) | vLLM (placeholder) |", "|---|---|---|"]  # fmt: skip
+    for embeds in AUDIO_EMBEDS:
+        row = [cell.get((embeds, s)) for s in ("sglang", "vllm")]
+        lines.append(f"| {embeds} | " + " | ".join(
+            f"{r['tau']:.2f} ({r['offline_tau']:.2f})" if r else "-" for r in row) + " |")  # fmt: skip
+    for serve, matched in (("sglang", "merged"), ("vllm", "placeholder")):
+        mixed, best = cell.get(("mixed", serve)), cell.get((matched, serve))
+        if mixed and best:
+            lines.append(f"\nmixed under {serve}: {mixed['tau'] / best['tau']:.3f}x the draft trained for it "
+                         f"({matched}); goal >= 0.97x")  # fmt: skip
+    return "\n".join(lines) + "\n\n## Every variant\n\n"
 
 
 def _data_words(plan: QualityPlan) -> str:
