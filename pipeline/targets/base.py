@@ -4,7 +4,8 @@ An adapter (one per model family, registered by HF ``model_type`` in ``pipeline.
 the chat template, the audio placeholder, the HF model classes and where the merged input embeddings come from.
 The stages see only the types below:
 
-- stage one (dump): ``prepare`` a conversation, ``forward`` it once, record ``identity`` and ``head_weights``;
+- stage one (dump): ``prepare`` a conversation (or hand a ``preparer`` to worker processes), ``forward`` it once
+  or ``forward_batch`` several samples together, record ``identity`` and ``head_weights``;
 - regenerate and eval: ``generation_inputs`` (a prompt ending in the assistant header), batched ``generate``,
   ``decode``;
 - speculative decoding: ``forward_step`` over a KV cache (``new_cache``, ``crop_cache``) returning logits, the
@@ -19,13 +20,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias, TypedDict
+from typing import Protocol, TypeAlias, TypedDict
 
 import numpy as np
 import torch
 
 # What one forward yields for one sample, on the CPU: the cache's record of it (the cache owns its format).
 from pipeline.cache.format import SampleStates as TargetStates
+from pipeline.errors import TargetError
 from pipeline.inputs.conversation import Message
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -41,6 +43,13 @@ class TargetInputs:
     input_ids: torch.Tensor  # [T] int64
     loss_mask: torch.Tensor  # [T] bool
     model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Preparer(Protocol):
+    """What ``AudioTarget.prepare`` does, without the model: picklable, so worker processes can prepare samples
+    ahead of the forward. Raises BadSample (or AudioError) with a reason, as ``prepare`` does."""
+
+    def __call__(self, messages: list[Message], wave: np.ndarray, max_length: int) -> TargetInputs: ...
 
 
 @dataclass
@@ -96,9 +105,34 @@ class AudioTarget(ABC):
     def prepare(self, messages: list[Message], wave: np.ndarray, max_length: int) -> TargetInputs:
         """Tokenize and mask a whole conversation, extract audio features; raises BadSample with a reason."""
 
+    def preparer(self) -> Preparer:
+        """``prepare`` as a callable that holds no model (processor, tokenizer, template only), for the dump's worker
+        processes. The default is ``prepare`` bound to the whole adapter: forked workers share it copy-on-write, but
+        where workers are spawned it would be pickled with the weights, so an adapter that holds a model overrides
+        it."""
+        return self.prepare
+
     @abstractmethod
     def forward(self, inputs: TargetInputs, layers: list[int]) -> TargetStates:
         """Run the target once over a prepared sample and return the requested hidden states, on the CPU."""
+
+    def forward_batch(
+        self, inputs: Sequence[TargetInputs], layers: list[int], trim_audio_padding: bool = False
+    ) -> list[TargetStates]:
+        """Several prepared samples in one forward (padded, masked); each sample's states as ``forward`` gives them,
+        padding removed. One sample without ``trim_audio_padding`` is ``forward`` itself (bit-exact); a batch equals
+        it within the reduction-order noise of batched kernels (the dump's tests state the tolerance).
+
+        ``trim_audio_padding``: run the audio encoder over the clip's real frames (plus the margin its convolutions
+        read) instead of the fixed length the checkpoint pads every clip to; only for encoders that never let a real
+        frame attend to a padded one. The default implementation runs one sample at a time and cannot trim."""
+        if trim_audio_padding:
+            raise TargetError(f"{type(self).__name__} cannot trim audio padding; run without --trim-audio-padding")
+        return [self.forward(x, layers) for x in inputs]
+
+    def audio_encoder(self) -> torch.nn.Module | None:
+        """The module that turns audio features into embeddings, for benchmarks that time it (None: not known)."""
+        return None
 
     @abstractmethod
     def head_weights(self) -> dict[str, torch.Tensor]:
