@@ -5,6 +5,7 @@ seed-reproducible model directory."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import tempfile
 from pathlib import Path
@@ -14,15 +15,20 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+from pipeline.errors import ConfigError
 from pipeline.inputs.audio import AudioPolicy, decode_audio
 from pipeline.inputs.conversation import parse_conversations
 from pipeline.inputs.shards import iter_raw_samples
+from pipeline.testing import small_target
 from pipeline.testing.small_target import (
+    CHECKPOINT,
     RECORD,
     SmallTargetConfig,
     _collate,
+    _Example,
     _example,
     merged_embeds,
+    partial_dir,
     tokenizer_corpus,
     train_small_target,
 )
@@ -161,3 +167,72 @@ def test_melodies_in_thirds_climb_as_asked_and_leave_random_streams_unchanged():
     pairs = [(a, b) for notes in mixed for a, b in zip(notes, notes[1:], strict=False)]
     share = sum((NOTE_NAMES.index(b) - NOTE_NAMES.index(a)) % 7 == 2 for a, b in pairs) / len(pairs)
     assert 0.5 < share < 0.65  # 0.5 + 0.5 / 7 expected
+
+
+# The options the speech target trains with (bf16 autocast, eager attention, length buckets, CTC, checkpoints),
+# exercised on the melody task so that they are tested where espeak-ng is missing too (CI).
+RESUMABLE = dataclasses.replace(
+    TINY, steps=5, checkpoint_every=2, bf16=True, attention="eager", bucket_batches=2, ctc_weight=0.3
+)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
+    whole = train_small_target(tmp_path / "whole", RESUMABLE, progress=False)
+
+    real_save = small_target._save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise _Stop  # as if the process died right after its first checkpoint (step 2)
+
+    monkeypatch.setattr(small_target, "_save_checkpoint", save_then_stop)
+    out = tmp_path / "resumed"
+    with pytest.raises(_Stop):
+        train_small_target(out, RESUMABLE, progress=False)
+    assert not out.exists() and (partial_dir(out) / CHECKPOINT).is_file()
+    monkeypatch.setattr(small_target, "_save_checkpoint", real_save)
+    with pytest.raises(ConfigError, match="lr differ"):  # a checkpoint never continues under other settings
+        train_small_target(out, dataclasses.replace(RESUMABLE, lr=1e-3), progress=False)
+    train_small_target(out, RESUMABLE, progress=False)
+
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    record, reference = json.loads((out / RECORD).read_text()), json.loads((whole / RECORD).read_text())
+    assert record["resumed_at"] == [2] and reference["resumed_at"] == []
+    for key in ("final_loss", "held_out_teacher_forced_accuracy", "eval"):
+        assert record[key] == reference[key], key
+    assert not partial_dir(out).exists()
+
+
+def test_a_second_training_into_the_same_directory_is_refused(tmp_path):
+    out = tmp_path / "target"
+    partial_dir(out).mkdir()
+    with open(partial_dir(out) / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FileExistsError, match="another training"):
+            train_small_target(out, TINY, progress=False)
+
+
+def test_length_buckets_keep_every_example_once_per_epoch():
+    lengths = [5, 40, 7, 33, 12, 28, 3, 50, 9, 21, 17, 45]
+    examples = [_Example(np.zeros(1), torch.zeros(n), torch.zeros(n, dtype=torch.bool), 1) for n in lengths]
+    cfg = dataclasses.replace(TINY, train_clips=12, batch_size=3, curriculum_steps=0, bucket_batches=2)
+    order = small_target._batch_order(examples, cfg)
+    epoch = [next(order) for _ in range(4)]
+    assert sorted(i for batch in epoch for i in batch) == list(range(12))
+    # Each batch is a run of length-sorted neighbours within its pool of 2 batches: spreads shrink.
+    plain = small_target._batch_order(examples, dataclasses.replace(cfg, bucket_batches=0))
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch]
+    plain_spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in (next(plain) for _ in range(4))]
+    assert sum(spread) < sum(plain_spread)
+    assert [next(small_target._batch_order(examples, cfg)) for _ in range(1)] == epoch[:1]  # a function of the seed
+
+
+def test_ctc_labels_are_the_answers_characters():
+    labels = small_target.ctc_labels("Well-known, isn't it?  42.")
+    assert "".join(small_target.CTC_ALPHABET[i - 1] for i in labels) == "well known isn't it 42"
+    assert int(labels.min()) >= 1  # 0 is the blank
+    assert small_target.ctc_labels("C D E").tolist() == small_target.ctc_labels("c d e").tolist()

@@ -1,0 +1,165 @@
+"""The speech task of the small target: transcribe English sentences spoken by espeak-ng.
+
+Clips come from pipeline.testing.speech_data, synthesised in memory (the same audio its HF dataset would hold for
+the same seed, split and index): the first `train_clips` of the train split train, the first `eval_clips` of the
+held-out split (other sentences, by a hash of their text) are scored. The user turn is the audio and one of a few
+instructions, "Transcribe the audio." (what `make-shards --hf-dataset` writes for a transcript column) among them;
+the answer is the sentence as written. The tokenizer is a byte-level BPE trained on the tiny target's built-in text
+plus the training conversations, so frequent words are one token.
+
+Scored by character and word error rates on normalised text (lower case, punctuation dropped: what the audio can
+tell), plus the raw character error rate and exact matches. `python -m stages.bench.train_small_target OUT --task
+speech` trains it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+
+from pipeline.inputs.hf_dataset import DEFAULT_INSTRUCTION
+from pipeline.settings import setting
+from pipeline.testing.small_target import Clip, Task, TrainerConfig, tokenizer_corpus
+from pipeline.testing.speech_data import (
+    DEFAULT_SPEECH,
+    SPLITS,
+    SpeechClip,
+    SpeechConfig,
+    Split,
+    load_sentences,
+    make_speech_clips,
+)
+
+SPEECH_PROMPTS: tuple[str, ...] = (
+    DEFAULT_INSTRUCTION,  # "Transcribe the audio.": the instruction of shards made from a transcript column
+    "What does the speaker say?",
+    "Write down what is said.",
+    "Transcribe this recording.",
+)
+_PROMPT_STREAM = 7  # salt: the prompt's draw is independent of speech_data's voice, rate and pitch draws
+
+
+@dataclass(frozen=True)
+class SpeechTargetConfig(TrainerConfig):
+    """The speech target's sizes and schedule (see the module docstring for the data)."""
+
+    # Sizes and schedule: see the README's speech target section for what was measured.
+    intermediate_size: int = setting(384, "text model MLP width")
+    encoder_layers: int = setting(3, "audio encoder layers")
+    encoder_ffn_dim: int = setting(512, "audio encoder MLP width")
+    vocab_size: int = setting(1024, "tokenizer size (the builder pads the embedding table past it)")
+    train_clips: int = setting(7000, "training clips (the first of the seed's train split; it has ~7100)")
+    eval_clips: int = setting(200, "held-out clips for the greedy evaluation (the split has ~800)")
+    curriculum_steps: int = setting(150, "step s draws sentences of at most 1 + (max - 1) * s / curriculum_steps words")
+    steps: int = setting(1500, "optimizer steps")
+    warmup_steps: int = setting(60, "linear warm-up steps")
+    bf16: bool = setting(True, "train under bfloat16 autocast (weights, optimizer and evaluation stay float32)")
+    attention: Literal["sdpa", "eager"] = setting("eager", "attention kernel while training")
+    bucket_batches: int = setting(
+        8, "after the curriculum, batch clips of similar length from pools of this many batches (0: off)"
+    )
+    ctc_weight: float = setting(1.0, "weight of an auxiliary CTC loss on the audio embeddings (0: off)")
+    max_new_tokens: int = setting(96, "longest generated answer in the evaluation")
+    monitor_every: int = setting(250, "steps between teacher-forced accuracy checks on held-out clips (0: off)")
+    speech: SpeechConfig = setting(DEFAULT_SPEECH, flag=None)
+
+    def task(self) -> Task:
+        return SpeechTask(self)
+
+
+class SpeechTask:
+    """Sentences spoken by espeak-ng, answered with their text."""
+
+    name = "speech"
+
+    def __init__(self, cfg: SpeechTargetConfig) -> None:
+        self.cfg = cfg
+
+    def clips(self) -> tuple[list[Clip], list[Clip]]:
+        return self._split("train", self.cfg.train_clips), self._split("heldout", self.cfg.eval_clips)
+
+    def _split(self, split: Split, count: int) -> list[Clip]:
+        sentences = load_sentences()
+        made = make_speech_clips(count, self.cfg.seed, split, self.cfg.speech, sentences)
+        return [speech_clip(clip, self.cfg.seed) for clip in made]
+
+    def tokenizer_corpus(self, train: list[Clip]) -> list[str]:
+        return tokenizer_corpus(train)
+
+    def score(self, held_out: list[Clip], answers: list[str]) -> dict[str, Any]:
+        return transcription_scores([c.answer for c in held_out], answers)
+
+
+def speech_clip(clip: SpeechClip, seed: int) -> Clip:
+    """A synthesised clip as a training example: int16 samples (half the memory of float32), a drawn instruction."""
+    wave, _ = sf.read(io.BytesIO(clip.audio), dtype="int16")
+    rng = np.random.default_rng([seed, SPLITS.index(clip.split), clip.index, _PROMPT_STREAM])
+    prompt = SPEECH_PROMPTS[int(rng.integers(len(SPEECH_PROMPTS)))]
+    conversations = [
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": clip.text},
+    ]
+    return Clip(wave, conversations, clip.text, len(clip.text.split()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Error rates
+# ---------------------------------------------------------------------------------------------
+
+
+def normalise_transcript(text: str) -> str:
+    """Lower case, every run of characters other than letters, digits and apostrophes one space: the form a
+    transcript is scored in (case and punctuation are the text's, not the audio's)."""
+    return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
+
+
+def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
+    """Levenshtein distance: the fewest substitutions, insertions and deletions turning one into the other."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1]
+
+
+def error_rate(references: Sequence[Sequence[Hashable]], hypotheses: Sequence[Sequence[Hashable]]) -> float:
+    """Edits summed over the corpus divided by the references' total length (how jiwer and ASR papers count: long
+    sentences weigh more). Can exceed 1 when the hypotheses hold many insertions."""
+    total = sum(len(r) for r in references)
+    if total == 0:
+        raise ValueError("the references are empty: no error rate")
+    return sum(edit_distance(r, h) for r, h in zip(references, hypotheses, strict=True)) / total
+
+
+def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """CER of normalised text, spaces included."""
+    return error_rate([normalise_transcript(r) for r in references], [normalise_transcript(h) for h in hypotheses])
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """WER of normalised text."""
+    return error_rate(
+        [normalise_transcript(r).split() for r in references], [normalise_transcript(h).split() for h in hypotheses]
+    )
+
+
+def transcription_scores(references: list[str], answers: list[str]) -> dict[str, Any]:
+    """The speech task's figures: normalised CER and WER, raw CER (case and punctuation counted), exact matches
+    of the normalised text, and every (expected, generated) pair."""
+    exact = [normalise_transcript(r) == normalise_transcript(a) for r, a in zip(references, answers, strict=True)]
+    return {
+        "clips": len(references),
+        "cer": character_error_rate(references, answers),
+        "wer": word_error_rate(references, answers),
+        "cer_raw": error_rate(references, answers),
+        "exact_match": sum(exact) / len(references),
+        "answers": [{"expected": r, "generated": a} for r, a in zip(references, answers, strict=True)],
+    }
