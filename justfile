@@ -13,12 +13,17 @@ default:
 
 # The main job end to end on the bundled sample with the tiny default target: dump, train, export, speculate
 # (a re-run resumes the finished dump, i.e. redoes nothing, and trains the draft afresh).
-pipeline out="runs/sample":
-    {{py}} -m stages.dump_hidden "{{sample_shards}}" {{out}}/cache --model tiny
+pipeline out="runs/sample" model="tiny":
+    {{py}} -m stages.dump_hidden "{{sample_shards}}" {{out}}/cache --model {{model}}
     {{py}} -m stages.inspect_cache {{out}}/cache
     {{py}} -m stages.train_draft {{out}}/cache --runs-dir {{out}} --name eagle3 --overwrite --draft-vocab-size 256 \
         --max-tokens 2048 --max-steps 60 --lr 3e-3 --warmup-steps 5 --eval-every 20 --ttt-steps 7
     {{py}} -m stages.eval_draft {{out}}/eagle3 "{{sample_shards}}" --k 7 --max-new-tokens 32
+
+# The same job with another family's tiny target (README: Supported families), e.g. `just pipeline-family
+# tiny-qwen3-omni`; its outputs go to runs/sample-MODEL.
+pipeline-family model:
+    {{just_executable()}} pipeline "runs/sample-{{model}}" "{{model}}"
 
 # Stage one: cache the target's hidden states for SHARDS in OUT (extra flags: see --help).
 dump-hidden shards out *flags:

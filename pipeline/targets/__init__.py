@@ -52,7 +52,10 @@ ALIAS_GROUP = "audio_eagle.model_aliases"
 TARGET_GROUP = "audio_eagle.targets"
 
 # The adapters this package ships, by HF model_type, as entry-point values (imported when chosen).
-BUILTIN_TARGETS = {"qwen2_audio": "pipeline.targets.qwen2_audio:Qwen2AudioTarget"}
+BUILTIN_TARGETS = {
+    "qwen2_audio": "pipeline.targets.qwen2_audio:Qwen2AudioTarget",
+    "qwen3_omni_moe": "pipeline.targets.qwen3_omni:Qwen3OmniTarget",
+}
 
 
 def model_aliases() -> dict[str, EntryPoint]:

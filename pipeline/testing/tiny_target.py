@@ -151,7 +151,7 @@ class TinyTargetConfig:
 DEFAULT_CONFIG = TinyTargetConfig()
 
 
-def _train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
+def _train_tokenizer(corpus: list[str], vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -162,7 +162,7 @@ def _train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(special_tokens),
         min_frequency=1,
         show_progress=False,
         # All 256 byte symbols, so any text stays encodable whatever the corpus held.
@@ -171,7 +171,7 @@ def _train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(corpus, trainer)
     # Added after training so the special ids sit at the end of the vocab, as in Qwen's tokenizer.
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special_tokens])
     return tok
 
 
