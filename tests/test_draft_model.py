@@ -17,7 +17,7 @@ from pipeline.draft import vocab as draft_vocab
 from pipeline.draft.export import export_sglang, export_speculators, load_sglang_export
 from pipeline.draft.model import DraftConfig, Eagle3Draft, TTTCache, apply_rotary, draft_vocab_from_counts
 from pipeline.draft.teacher import Teacher
-from pipeline.draft.ttt_loss import TrainingTimeTest, shift_left, teacher_targets
+from pipeline.draft.ttt_loss import StepStats, TrainingTimeTest, shift_left, teacher_targets
 
 B, T = 2, 7
 AUX = [2, 4, 5]
@@ -346,7 +346,11 @@ def test_later_ttt_steps_on_answer_rows_only_equal_running_every_row(model):
         total = total + 0.8**k * row_loss.sum() / counted.sum().clamp(min=1)
         ok = to_target[logits.argmax(-1)] == shift_left(target.top_ids, 1 + k)
         assert torch.equal(right[..., k] & counted, ok & counted), k
-        ref_sums.append([row_loss.sum(), counted.sum(), (ok & counted).sum(), (chain & ok & counted).sum()])
+        ref_sums.append([row_loss.sum(), counted.sum(), (ok & counted).sum(), (chain & ok & counted).sum(),
+                         shift_left(loss_mask, 2 + k).sum()])  # fmt: skip
         chain = chain & (ok | ~counted)
     torch.testing.assert_close(loss, total)
-    torch.testing.assert_close(sums[[0, 2, 3, 5]].float(), torch.tensor(ref_sums).T.float())
+    torch.testing.assert_close(sums[[0, 2, 3, 5, 6]].float(), torch.tensor(ref_sums).T.float())
+    # Coverage: the rows step 0 scores (target top token in the draft vocab) among all that predict an answer token.
+    coverage = StepStats(sums).summary()["vocab_coverage"]
+    assert 0 < coverage < 1 and coverage == pytest.approx(float(ref_sums[0][1] / ref_sums[0][4]))

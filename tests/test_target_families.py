@@ -18,17 +18,19 @@ from transformers import AutoFeatureExtractor, AutoTokenizer, Qwen3OmniMoeForCon
 from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_feat_extract_output_lengths
 
 from pipeline.cache.reader import open_cache
+from pipeline.draft.model import DraftConfig, Eagle3Draft, draft_vocab_from_counts
+from pipeline.draft.ttt_loss import replay_decoding
 from pipeline.evaluate.eval_draft import EvalConfig, iter_prompts, run_eval
 from pipeline.evaluate.speculative import SpecConfig, plain_greedy, speculative_generate
 from pipeline.inputs.audio import AudioPolicy, decode_audio
 from pipeline.inputs.conversation import parse_conversations
 from pipeline.inputs.shards import iter_raw_samples
 from pipeline.regenerate import RegenerateConfig, run_regenerate
-from pipeline.targets import load_target
+from pipeline.targets import AudioTarget, TargetInputs, load_target
 from pipeline.train.loop import TrainConfig, train
 from tests.conftest import REPO, run_stage
 from tests.test_dump_exact import assert_matches_forward, raw_samples
-from tests.test_speculative import random_draft
+from tests.test_speculative import MAX_NEW, K, random_draft, teacher_forced_rows
 
 SHARD = str(REPO / "data/sample/shards/sample-000000.tar")
 # model_type -> (alias of its tiny target, the verifier architecture its exports name)
@@ -137,6 +139,45 @@ def test_speculative_decoding_is_lossless_and_equals_hf_generate(omni_target, fa
         for serve in ("sglang", "vllm"):
             result = speculative_generate(target, draft, inputs, cfg=SpecConfig(3, 12, serve=serve))
             assert result.tokens == plain, (key, serve)
+
+
+def draft_over(target: AudioTarget, tokens: list[int], size: int = 4) -> Eagle3Draft:
+    """A random draft whose vocabulary is the ``size`` target tokens most frequent in ``tokens``: drafts from the
+    target's own favourite tokens are accepted by chance, which a draft over tokens the target never emits
+    (``random_draft``'s scattered vocab, or a sample-job draft over a random target) never is."""
+    torch.manual_seed(0)
+    config = DraftConfig.from_text_config(target.identity()["draft_defaults"], target.default_layers(), size)
+    draft = Eagle3Draft(config).eval()
+    draft.set_draft_vocab(
+        *draft_vocab_from_counts(torch.bincount(torch.tensor(tokens), minlength=target.vocab_size), size)
+    )
+    return draft
+
+
+def replay_check(target: AudioTarget, draft: Eagle3Draft, prompts: list[TargetInputs], serve: str) -> list[list[int]]:
+    """Measured decoding's passes, each asserted equal to the offline replay on the dump forward's rows."""
+    passes = []
+    for n, inputs in enumerate(prompts):
+        spec = speculative_generate(target, draft, inputs, cfg=SpecConfig(K, max_new_tokens=MAX_NEW, serve=serve))
+        right, mask = teacher_forced_rows(target, draft, inputs, spec.tokens, serve)
+        assert replay_decoding(right, mask, K) == (len(spec.tokens) - 1, len(spec.accepted_lengths)), (n, serve)
+        passes.append(spec.accepted_lengths)
+    return passes
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_replayed_decoding_equals_measured_decoding(omni_target, family):
+    """Training's offline tau (``replay_decoding`` on the rows the dump's forward gives) is eval-draft's measured
+    tau, pass for pass, under both engines' inputs: the aux states, positions and embeddings the draft reads while
+    decoding are the cached ones (test_speculative checks the same for Qwen2-Audio)."""
+    target = omni_target
+    prompts = [p for _, p in iter_prompts(target, EvalConfig(draft="", shards=SHARD, limit=2), None, [])]
+    greedy = [t for p in prompts for t in plain_greedy(target, p, MAX_NEW).tokens]
+    draft = draft_over(target, greedy)
+    passes = [
+        n for serve in ("sglang", "vllm") for lengths in replay_check(target, draft, prompts, serve) for n in lengths
+    ]
+    assert any(n > 1 for n in passes)  # drafts were accepted: the replay's chains were exercised
 
 
 # --- train, both exports, eval-draft ---------------------------------------------------------------------------

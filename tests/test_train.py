@@ -52,6 +52,8 @@ def test_loss_falls_and_acc_rises_above_chance(trained):
     log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(10, 81, 10))  # log_every 10 of 80 steps
     assert all(row["tokens_per_s"] > 0 and 0 <= row["data_wait_fraction"] <= 1 for row in log)
+    # The share of answer tokens the draft vocab can draft at all: set by the data and the vocab, not learned.
+    assert all(0 < row["vocab_coverage"] <= 1 for row in log) and 0 < last["vocab_coverage"] <= 1
 
 
 def test_export_reloads_with_the_same_logits(trained):

@@ -28,7 +28,9 @@ def shift_left(x: torch.Tensor, s: int) -> torch.Tensor:
     return torch.cat([x[:, s:], pad], dim=1)
 
 
-FIELDS = ("loss", "kl", "rows", "correct", "chain_rows", "chain_correct")
+# "supervised": rows whose predicted token is an answer token, drafts possible or not (``rows`` counts only those
+# whose target top token is in the draft vocab).
+FIELDS = ("loss", "kl", "rows", "correct", "chain_rows", "chain_correct", "supervised")
 
 
 @dataclass
@@ -49,8 +51,10 @@ class StepStats:
         return StepStats(self.sums + other.sums)
 
     def summary(self) -> dict[str, float]:
-        """loss_k, kl_k, acc_k, cond_acc_k and the teacher-forced acceptance length 1 + sum_k prod_{j<=k} cond_j."""
-        loss, kl, rows, correct, chain_rows, chain_correct = self.sums.tolist()
+        """loss_k, kl_k, acc_k, cond_acc_k, the teacher-forced acceptance length 1 + sum_k prod_{j<=k} cond_j, and
+        ``vocab_coverage``: the share of answer tokens whose target top token the draft vocab holds. acc_k counts
+        only those rows, so a draft vocab that misses what the target says shows here, not in acc_k."""
+        loss, kl, rows, correct, chain_rows, chain_correct, supervised = self.sums.tolist()
         out, survive, tau = {}, 1.0, 1.0
         for k in range(len(rows)):
             out[f"loss_{k}"] = loss[k] / max(rows[k], 1)
@@ -60,6 +64,7 @@ class StepStats:
             survive *= out[f"cond_acc_{k}"]
             tau += survive
         out["expected_accept_len"] = tau
+        out["vocab_coverage"] = rows[0] / max(supervised[0], 1)
         return out
 
 
@@ -108,7 +113,7 @@ class TrainingTimeTest(nn.Module):
             right = draft_to_target[logits.argmax(-1)] == take(target.top_ids, at, 1 + k)
             alive = take(chain, at)
             counts = [row_loss.sum(), row_kl.sum(), counted.sum(), (right & counted).sum(), (alive & counted).sum(),
-                      (alive & right & counted).sum()]  # fmt: skip
+                      (alive & right & counted).sum(), shift_left(loss_mask, 2 + k).sum()]  # fmt: skip
             per_step.append(torch.stack([c.detach().double() for c in counts]))
             rights[..., k].scatter_(1, at, right)
             chain.scatter_(1, at, alive & (right | ~counted))  # a row's chain breaks at its first counted miss

@@ -340,6 +340,7 @@ def train(cfg: TrainConfig) -> Path:
                 + " ".join(f"acc_{k} {metrics[f'acc_{k}']:.3f}" for k in range(cfg.ttt_steps))
                 + f" tau: replayed {metrics['tau_replay']:.2f}, prod(cond_acc) {metrics['expected_accept_len']:.2f}"
                 + "".join(f", served as {ENGINE_NAMES[e]} {metrics[f'tau_replay_{e}']:.2f}" for e in ENGINES)
+                + f"; the draft vocab holds the target's top token at {metrics['vocab_coverage']:.0%} of answer tokens"
             )
             if acc.is_main_process:
                 plot_acceptance(history, run / "acceptance.png", f"{cfg.name}: held-out acc_k")
