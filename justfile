@@ -81,3 +81,8 @@ test-fast *flags:
 lint:
     {{py}} -m ruff check pipeline stages tests data
     {{py}} -m ruff format --check pipeline stages tests data
+
+# Qwen2-Audio-7B dimensions end to end on this machine (random 17 GB target built once under runs/): per-stage
+# wall time and peak memory against the budgets, in results/scale-check.md (run it with `nice`; 41 min on 2 loaded cores).
+scale-check *flags:
+    {{py}} -m stages.bench.scale_check "$@"

@@ -48,6 +48,7 @@ from pipeline.inputs.shards import RawSample, expand_shard_urls, iter_raw_sample
 from pipeline.settings import setting
 from pipeline.targets import AudioTarget, TargetInputs, load_target
 from pipeline.targets.base import Preparer
+from pipeline.targets.dtype import resolve_dtype
 
 GPU_BATCH_TOKENS = 8192  # a 7B forward of this many tokens keeps a GPU busy; its states fit in any current GPU
 MAX_AUTO_WORKERS = 8
@@ -64,7 +65,8 @@ class DumpConfig:
         "dump serves drafts that use other layers",
     )
     dtype: Literal["bfloat16", "float16", "float32"] | None = setting(
-        None, "model and cache dtype (default: bfloat16 on GPU, float32 on CPU)"
+        None,
+        "model and cache dtype (default: bfloat16 on GPU; on CPU float32 if its weights fit in free memory, else bf16)",
     )
     max_length: int = setting(2048, "truncate prompts to this many tokens")
     audio: AudioPolicy = setting(factory=AudioPolicy)
@@ -158,8 +160,7 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None, times: DumpTime
     try:
         if lock and cfg.out.exists():
             lock.acquire()  # before loading the target: a second dump into a busy cache fails at once
-        dtype = cfg.dtype or ("bfloat16" if state.device.type == "cuda" else "float32")
-        target = target or load_target(cfg.model, dtype, state.device)
+        target = target or load_target(cfg.model, resolve_dtype(cfg.dtype, state.device, cfg.model), state.device)
         layers = _check_layers(cfg.layers or target.default_layers(), target.num_layers)
         if lock:
             lock.acquire()

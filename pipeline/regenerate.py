@@ -55,6 +55,7 @@ from pipeline.inputs.shards import (
 )
 from pipeline.settings import setting
 from pipeline.targets import AudioTarget, Sampling, TargetInputs, load_target
+from pipeline.targets.dtype import resolve_dtype
 
 SUMMARY = "regenerate.json"
 _TAR_MTIME = 0  # fixed member metadata: the same input and settings give byte-identical output shards
@@ -76,7 +77,7 @@ class RegenerateConfig:
     batch_size: int = setting(4, "samples generated together (left-padded); batches never span shards")
     strict: bool = setting(False, "fail on the first bad sample instead of skipping it")
     dtype: Literal["bfloat16", "float16", "float32"] | None = setting(
-        None, "model dtype (default: bfloat16 on GPU, float32 on CPU)"
+        None, "model dtype (default: bfloat16 on GPU; on CPU float32 if its weights fit in free memory, else bfloat16)"
     )
     audio: AudioPolicy = setting(factory=AudioPolicy)
 
@@ -136,8 +137,7 @@ def run_regenerate(cfg: RegenerateConfig, target: AudioTarget | None = None) -> 
     clashes = sorted(n for n, c in Counter(names).items() if c > 1)
     if clashes:
         raise ConfigError(f"several input shards are named {clashes}; outputs keep the basename, so rename them")
-    dtype = cfg.dtype or ("bfloat16" if state.device.type == "cuda" else "float32")
-    target = target or load_target(cfg.model, dtype, state.device)
+    target = target or load_target(cfg.model, resolve_dtype(cfg.dtype, state.device, cfg.model), state.device)
     settings = generation_settings(cfg, str(target.dtype).removeprefix("torch."))
     generator = _Generator(target, cfg, settings)
     if state.is_main_process:

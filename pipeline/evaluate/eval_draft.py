@@ -1,11 +1,12 @@
 """Evaluate an exported EAGLE-3 draft by real speculative decoding with its target (greedy, batch size 1).
 
 Each sample's conversation is cut before its first assistant answer and the target generates instead. Both
-speculative decoding and the target's plain greedy decoding run on every sample and must agree token for token: a
-mismatch is a bug, reported with the sample key (and the target's logit gap between the two choices, to tell a
-floating-point tie of batched vs one-token forwards from a real bug) and ``run_eval`` raises, after writing
-``eval.json`` (mean acceptance length tau, acceptance per draft position, target forwards per token, tokens/s of
-both) and ``eval.png``.
+speculative decoding and the target's plain greedy decoding run on every sample and must agree: token for token in
+float32; in bf16/fp16 every emitted token must be the target's one-token greedy choice on its own prefix or a
+near-tie within the dtype's resolution (``lossless``: the rule, ties reported with their gaps). A mismatch is a bug,
+reported with the sample key and every deviation, and ``run_eval`` raises, after writing ``eval.json`` (mean
+acceptance length tau, acceptance per draft position, target forwards per token, tokens/s of both) and
+``eval.png``.
 
 The draft is a training run (runs/<name>, whose SGLang export runs/<name>/draft is used; its samples are then the
 run's held-out split) or an SGLang export directory.
@@ -27,6 +28,7 @@ from pipeline.draft.export import CONFIG, load_sglang_export
 from pipeline.draft.model import Eagle3Draft
 from pipeline.draft.serving import Engine, ServingRecord, check_engine
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.evaluate.lossless import EXACT_DTYPES, TIE_ULPS, check_output
 from pipeline.evaluate.speculative import GreedyResult, SpecConfig, SpecResult, plain_greedy, speculative_generate
 from pipeline.inputs.audio import AudioError, AudioPolicy, decode_audio
 from pipeline.inputs.conversation import BadSample, parse_conversations
@@ -34,6 +36,7 @@ from pipeline.inputs.shards import expand_shard_urls, iter_raw_samples
 from pipeline.inputs.split import in_split
 from pipeline.settings import setting
 from pipeline.targets import AudioTarget, TargetInputs, load_target
+from pipeline.targets.dtype import resolve_dtype
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,12 +59,14 @@ class EvalConfig:
         "auto", "eval: the run's held-out keys; all: every sample; auto: eval when a run directory is given"
     )
     dtype: Literal["bfloat16", "float16", "float32"] | None = setting(
-        None, "target and draft dtype (default: bfloat16 on GPU, float32 on CPU)"
+        None, "target and draft dtype (default: bfloat16 on GPU; on CPU float32 if its weights fit in free memory)"
     )
     device: str | None = setting(None, "default: cuda if available, else cpu")
     max_length: int = setting(2048, "prompt token limit, as in dump-hidden")
-    tie_tolerance: float = setting(
-        0.0, "a mismatch whose target logit gap is at most this is a floating-point tie, not a failure (bf16)"
+    tie_ulps: float = setting(
+        TIE_ULPS,
+        "bf16/fp16 only (float32 must match exactly): an emitted token whose logit is within this many ulps of the "
+        "dtype at |top logit| of the target's argmax is a floating-point near-tie, reported, not a failure",
     )
     serve: Literal["sglang", "vllm"] | None = setting(
         None,
@@ -130,16 +135,44 @@ def iter_prompts(
             yield raw.key, prompt
 
 
-def diagnose(target: AudioTarget, prompt: TargetInputs, spec: list[int], plain: list[int]) -> dict:
-    """Where two outputs first differ, and the target's logits for both choices there (one full forward)."""
+def diagnose(target: AudioTarget, prompt: TargetInputs, spec: list[int], plain: list[int], tie_ulps: float) -> dict:
+    """Where two outputs first differ, and every deviation of the speculative output from the target's one-token
+    greedy choices on its own prefix (``lossless.check_output``), ties included; ``lossless``: within the dtype's
+    rule (float32: never, once the outputs differ; bf16/fp16: every deviation a near-tie)."""
     i = next((j for j, (a, b) in enumerate(zip(spec, plain, strict=False)) if a != b), min(len(spec), len(plain)))
-    report = {"index": i, "speculative": spec[i : i + 4], "plain": plain[i : i + 4], "logit_gap": None}
-    if i < len(spec) and i < len(plain):
-        ids = torch.cat([prompt.input_ids, torch.tensor(plain[:i], dtype=torch.long)])
-        logits = target.forward_step(ids, None, [], prompt.model_inputs).logits[-1].float()
-        report["logit_gap"] = abs(float(logits[spec[i]] - logits[plain[i]]))
-        report["top_logit"] = float(logits.max())
-    return report
+    check = check_output(target, prompt, spec, tie_ulps)
+    first = check.deviations[0] if check.deviations else None
+    return {
+        "index": i,
+        "speculative": spec[i : i + 4],
+        "plain": plain[i : i + 4],
+        "logit_gap": first.gap if first else None,
+        "top_logit": first.top_logit if first else None,
+        "deviations": check.as_dict()["deviations"],
+        "lossless": target.dtype not in EXACT_DTYPES and not check.errors,
+    }
+
+
+def lossless_rule(target: AudioTarget, tie_ulps: float) -> str:
+    dtype = str(target.dtype).removeprefix("torch.")
+    if target.dtype in EXACT_DTYPES:
+        return f"exact: {dtype} output equal to plain greedy token for token"
+    return (
+        f"{dtype}: every emitted token the target's one-token greedy choice on its own prefix, or within "
+        f"{tie_ulps:g} ulps of {dtype} at |top logit| of it (a near-tie, listed under 'ties')"
+    )
+
+
+def describe_difference(report: dict) -> str:
+    """One line: where the outputs differ and whether each deviation is a near-tie."""
+    devs = report["deviations"]
+    shown = ", ".join(
+        f"{'tie' if d['tie'] else 'ERROR'} at {d['index']} (gap {d['gap']:.4g}, tolerance {d['tolerance']:.4g}, "
+        f"top {d['top_logit']:.4g})"
+        for d in devs[:4]
+    )
+    head = "differs from plain greedy (near-ties only)" if report["lossless"] else "MISMATCH"
+    return f"{head} from token {report['index']}: " + (shown or "every token the one-token greedy choice")
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -217,7 +250,7 @@ def load(cfg: EvalConfig) -> tuple[AudioTarget, Eagle3Draft, str]:
     if not model:
         raise ConfigError(f"{draft_dir / CONFIG} names no target: pass --model")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    target = load_target(model, cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), device)
+    target = load_target(model, resolve_dtype(cfg.dtype, device, model), device)
     draft = load_sglang_export(draft_dir).to(target.device).eval()
     for module in (draft.fc, draft.midlayer, draft.norm, draft.lm_head):
         module.to(target.dtype)  # the served dtype; RoPE's inv_freq stays float32, as in training
@@ -228,7 +261,8 @@ def load(cfg: EvalConfig) -> tuple[AudioTarget, Eagle3Draft, str]:
 def sample_record(key: str, prompt: TargetInputs, spec: SpecResult, plain: GreedyResult, target: AudioTarget) -> dict:
     return {
         "key": key,
-        "lossless": spec.tokens == plain.tokens,
+        "lossless": spec.tokens == plain.tokens,  # or, in bf16/fp16, every difference a near-tie (run_eval)
+        "exact": spec.tokens == plain.tokens,
         "prompt_tokens": len(prompt.input_ids),
         "new_tokens": len(spec.tokens),
         "tau": spec.tau if spec.accepted_lengths else None,
@@ -261,15 +295,16 @@ def run_eval(cfg: EvalConfig) -> dict:
         spec = speculative_generate(target, draft, prompt, cfg=spec_cfg)
         results.append((key, spec, plain))
         per_sample.append(sample_record(key, prompt, spec, plain, target))
+        verdict = ""
         if spec.tokens != plain.tokens:
-            report = {"key": key, **diagnose(target, prompt, spec.tokens, plain.tokens)}
-            gap = report["logit_gap"]
-            (ties if gap is not None and gap <= cfg.tie_tolerance else mismatches).append(report)
+            report = {"key": key, **diagnose(target, prompt, spec.tokens, plain.tokens, cfg.tie_ulps)}
+            (ties if report["lossless"] else mismatches).append(report)
+            per_sample[-1]["lossless"] = report["lossless"]
+            verdict = "  " + describe_difference(report)
         tau = f"{spec.tau:.2f}" if spec.accepted_lengths else "-"
         print(
             f"{key}: {len(spec.tokens)} tokens, tau {tau}, {spec.target_forwards} target forwards, "
-            f"{spec.tokens_per_s:.1f} vs {plain.tokens_per_s:.1f} tok/s"
-            + ("" if spec.tokens == plain.tokens else "  MISMATCH"),
+            f"{spec.tokens_per_s:.1f} vs {plain.tokens_per_s:.1f} tok/s{verdict}",
             flush=True,
         )
     if not results:
@@ -293,6 +328,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         "samples": len(results),
         "skipped": skipped,
         "lossless": not mismatches,
+        "lossless_rule": lossless_rule(target, cfg.tie_ulps),
+        "exact_samples": sum(s["exact"] for s in per_sample),
         "mismatches": mismatches,
         "ties": ties,
         **summary,
