@@ -27,6 +27,7 @@ Damaged data stops the loader with a ``CacheError`` naming the part, never zeros
 from __future__ import annotations
 
 import math
+import multiprocessing
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -462,4 +463,17 @@ def make_loader(
         num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         pin_memory=pin,
+        multiprocessing_context=_worker_context() if workers else None,
     )
+
+
+def _worker_context():
+    """Workers forked from a clean server process, not from the trainer. A worker forked from the trainer shares its
+    pages copy-on-write until the trainer updates its parameters and optimizer state in place: from then on each
+    worker pins the old copies (4.2 GiB for two workers at 7B draft size, measured in results/scale-check.md). The
+    server imports this module once, so each epoch's workers still start in milliseconds."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None  # the platform's default (spawn on macOS and Windows: no shared pages either)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
