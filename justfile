@@ -11,10 +11,11 @@ sample_shards := "data/sample/shards/sample-{000000..000003}.tar"
 default:
     @just --list
 
-# The main job end to end on the bundled sample with the tiny default target: dump, train, export, speculate
-# (a re-run resumes the finished dump, i.e. redoes nothing, and trains the draft afresh).
+# The main job end to end on the bundled sample with the tiny default target: the target's own answers
+# (regenerate), dump, train, export, speculate (a re-run resumes the finished steps and trains the draft afresh).
 pipeline out="runs/sample" model="tiny":
-    {{py}} -m stages.dump_hidden "{{sample_shards}}" {{out}}/cache --model {{model}}
+    {{py}} -m stages.regenerate "{{sample_shards}}" {{out}}/shards --model {{model}} --max-new-tokens 32
+    {{py}} -m stages.dump_hidden "{{out}}/shards/*.tar" {{out}}/cache --model {{model}}
     {{py}} -m stages.inspect_cache {{out}}/cache
     {{py}} -m stages.train_draft {{out}}/cache --runs-dir {{out}} --name eagle3 --overwrite --draft-vocab-size 256 \
         --max-tokens 2048 --max-steps 60 --lr 3e-3 --warmup-steps 5 --eval-every 20 --ttt-steps 7
@@ -69,9 +70,10 @@ train-small-target out *flags:
 quality *flags:
     {{py}} -m stages.bench.quality "$@"
 
-# The whole test suite (what CI runs): every tier, multi-process runs and the CI-sized quality run (~10 min).
+# The whole test suite (what CI runs): every tier, multi-process runs and the CI-sized quality run, spread over
+# one pytest worker per core (pytest-xdist; an idle worker takes tests queued on a busy one; `-n 0`: one process).
 test *flags:
-    {{py}} -m pytest -q "$@"
+    {{py}} -m pytest -q -n auto --dist worksteal "$@"
 
 # The edit loop's tier (under 90 s): in-process tests only, no stage launches, no multi-rank runs.
 test-fast *flags:
