@@ -58,6 +58,10 @@ make-sample:
 bench-dump *flags:
     {{py}} -m stages.bench.dump "$@"
 
+# Which codec for the states of CACHE: bytes/token vs 8H+16 and decode MB/s per core, exact and fp8 states.
+bench-codecs cache *flags:
+    {{py}} -m stages.bench.codecs "$1" "${@:2}"
+
 # Benchmark stage two's loader: Zarr cache vs raw bytes vs one torch.save file per sample; time to first batch.
 bench-train *flags:
     {{py}} -m stages.bench.train "$@"

@@ -85,7 +85,7 @@ def test_manifest_and_commit_round_trip(written, tmp_path):
     root, _ = written
     m = Manifest.read(root)
     assert Manifest.from_dict(json.loads(json.dumps(m.to_dict())), tmp_path) == m
-    assert m.format_version == 2 and m.complete and m.target == TARGET and m.audio_token_id == AUDIO
+    assert m.format_version == 3 and m.complete and m.target == TARGET and m.audio_token_id == AUDIO
     assert m.codec == CodecConfig(chunk_tokens=4) and [p.name for p in m.parts] == sorted(p.name for p in m.parts)
     assert m.counts["samples"] == 18 and m.counts["shards_done"] == 3
     commit = PartCommit.read(root / "parts" / m.parts[0].name / COMMIT)
@@ -109,7 +109,7 @@ def test_another_format_version_is_refused(copy):
     with pytest.raises(CacheError) as err:
         open_cache(copy)
     assert str(err.value) == (
-        f"{copy} is a cache of format version 1, but this code reads version 2 only: dump it again with this "
+        f"{copy} is a cache of format version 1, but this code reads versions 2, 3 only: dump it again with this "
         "version (`just dump-hidden SHARDS OUT` into a new or emptied directory)"
     )
 
@@ -151,7 +151,12 @@ def test_resume_needs_the_same_settings(copy):
     assert not Manifest.read(copy).complete  # unfinished until the resumed dump finalises it
     other = manifest(same.shards, chunk_tokens=8)
     other.target = {**TARGET, "opaque": {"anything": [3]}}
-    with pytest.raises(ConfigError, match=r"other settings \(codec, target model \(opaque\) differ\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"other settings \(codec: this cache was written with --state-encoding exact "
+        r"--codec zstd --level 1 --shuffle shuffle --block-kib 1024 --chunk-tokens 4, target model "
+        r"\(opaque\) differ\)",
+    ):
         create_or_resume(copy, other, head)
 
 
@@ -212,7 +217,9 @@ def test_partial_block_decoding_equals_the_rows_written(tmp_path):
     h, chunk = 4096, 256  # bf16 at the real hidden size: 2 MiB chunks of 16 blosc blocks
     gen = torch.Generator().manual_seed(0)
     head = {"embed_tokens": torch.zeros(VOCAB, h, dtype=torch.bfloat16)}
-    writer = create_or_resume(tmp_path, manifest(["s"], chunk, h), lambda: head)
+    m = manifest(["s"], chunk, h)
+    m.codec = CodecConfig(chunk_tokens=chunk, block_kib=128)
+    writer = create_or_resume(tmp_path, m, lambda: head)
     part = writer.part("s")
     records = [record(f"k{i}", i, n, 1, gen, h) for i, n in enumerate([256, 300, 212, 256, 256])]
     noise = np.random.default_rng(0).integers(0, 2**16, (chunk, h), dtype=np.uint16)

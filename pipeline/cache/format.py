@@ -9,6 +9,8 @@
         commit.json            what is committed: sample keys, token and audio offsets, rejects, position in
                                the shard; replaced atomically, so a reader never sees a half-written sample
         input_ids  loss_mask  final_hidden  hidden_<i> ...   [tokens, ...]  ragged samples packed by offsets
+                                                              (states: [tokens, H], or [tokens, H + 1] uint8 when
+                                                              stored as fp8: ``encoding.py``)
         audio_embeds                                          [audio tokens, H]  merged input embeddings at
                                                               audio positions (text positions = embed_tokens)
 
@@ -20,6 +22,13 @@ Integrity (format version 2): every chunk file ends with a CRC32C of its bytes (
 blosc), and every chunk that holds a committed row exists (arrays are written with ``write_empty_chunks``, so an
 all-zero chunk is stored too). A reader therefore refuses a corrupted chunk (checksum) and a missing one (a
 committed row with no file), instead of reading zeros.
+
+Format version 3 adds ``codec.states``, how the aux and final states are stored: ``exact`` (as in version 2) or
+``fp8`` (per-row e4m3 with a power-of-two scale, ``encoding.py``) or ``fp8-audio`` (the audio embeddings too),
+and records ``codec.block_kib`` (blosc's block
+size). Version 2 caches are read as ``exact`` with blosc's own block size, and a dump resumes them (their manifest
+is rewritten as version 3: nothing else differs); a reader refuses a state encoding it does not know. Ids, masks
+and the head weights are always stored exactly.
 
 The manifest's ``target`` is the target adapter's ``identity()``: opaque here (the cache knows no model family),
 except ``name_or_path`` and ``model_type``, which ``HiddenStateCache.info`` shows. What the cache itself needs
@@ -40,10 +49,12 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from pipeline.cache.encoding import StateEncoding, check_readable
 from pipeline.errors import CacheError
 from pipeline.settings import setting
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: before state encodings (all exact); read as 3 with codec.states "exact"
 MANIFEST = "manifest.json"
 HEAD_WEIGHTS = "target_head.safetensors"
 PARTS = "parts"
@@ -60,16 +71,40 @@ STORED_DTYPES = {
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """Blosc compression of the state arrays (lossless; bitshuffle suits floats best)."""
+    """How the arrays are stored: the aux and final states exactly or as fp8 (``states``), then blosc (lossless;
+    bitshuffle suits floats and fp8 codes best)."""
 
+    states: StateEncoding = setting(
+        "exact",
+        "how the aux and final states are stored: exact (lossless, the cache's dtype), fp8 (e4m3 with one "
+        "power-of-two scale per token and state: ~half the bytes, relative error <= 2^-4; audio embeddings stay "
+        "exact) or fp8-audio (the audio embeddings too); BENCHMARKS.md has their measured cost in acceptance length",
+        flag="state-encoding",
+    )
+
+    # Defaults chosen on real-size (H=4096) states, BENCHMARKS.md "State encodings and codecs": byte shuffle and
+    # 1 MiB blocks let zstd's entropy coder see long sign-and-exponent byte streams: ~20% smaller than bitshuffle
+    # in blosc's own blocks (256 KiB: 2% less gain for exact states, 9% for fp8), at level 1 as fast to encode as
+    # level 3 was with bitshuffle. The price: a read of a few rows decodes up to 1 MiB per array.
     cname: Literal["zstd", "lz4", "lz4hc", "zlib", "blosclz"] = setting("zstd", "blosc compressor", flag="codec")
-    clevel: int = setting(3, "compression level 0-9 (zstd 9 gains little and writes >10x slower)", flag="level")
-    shuffle: Literal["bitshuffle", "shuffle", "noshuffle"] = setting("bitshuffle", "filter before compression")
+    clevel: int = setting(1, "compression level 0-9 (zstd 9 gains little and writes >10x slower)", flag="level")
+    shuffle: Literal["bitshuffle", "shuffle", "noshuffle"] = setting(
+        "shuffle", "filter before compression (byte shuffle of 1-byte fp8 codes is none)"
+    )
+    block_kib: int = setting(
+        1024, "blosc block size in KiB: the unit a partial read decodes; larger compresses better (0: blosc's)"
+    )
     chunk_tokens: int = setting(256, "rows per stored chunk (one compressed file per array)")
 
     def compressors(self, itemsize: int) -> list:
         """The bytes-to-bytes codecs of every array: blosc, then the chunk's checksum."""
-        blosc = BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle, typesize=itemsize)
+        blosc = BloscCodec(
+            cname=self.cname,
+            clevel=self.clevel,
+            shuffle=self.shuffle,
+            typesize=itemsize,
+            blocksize=self.block_kib * 1024,
+        )
         return [blosc, Crc32cCodec()]
 
     def to_dict(self) -> dict:
@@ -181,13 +216,18 @@ class Manifest:
     @classmethod
     def from_dict(cls, doc: dict, where: Path) -> Manifest:
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CacheError(
-                f"{where.parent} is a cache of format version {version}, but this code reads version "
-                f"{FORMAT_VERSION} only: dump it again with this version (`just dump-hidden SHARDS OUT` into a new "
-                "or emptied directory)"
+                f"{where.parent} is a cache of format version {version}, but this code reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} only: dump it again with this version (`just dump-hidden "
+                "SHARDS OUT` into a new or emptied directory)"
             )
+        if isinstance(doc.get("codec"), dict):  # what earlier writers used without recording it
+            doc = {**doc, "codec": {"states": "exact", "block_kib": 0, **doc["codec"]}}
+        doc = {**doc, "format_version": FORMAT_VERSION}  # a version 2 cache is a version 3 one with exact states
         manifest = _build(cls, doc, where, "manifest")
+        if isinstance(manifest.codec, dict):
+            check_readable(manifest.codec.get("states", "exact"), str(where))
         try:
             manifest.codec = CodecConfig(**manifest.codec)
             manifest.parts = [PartSummary(**p) for p in manifest.parts]

@@ -93,6 +93,7 @@ class HiddenStateCache:
             "vocab_size": m.vocab_size,
             "captured_layers": self.layers,
             "dtype": self.dtype,
+            "states": m.codec.states,  # exact or fp8: what the readers decode (always into ``dtype``)
             "codec": m.codec.to_dict(),
             "num_samples": len(self),
             "counts": m.counts,

@@ -32,11 +32,22 @@ def _storage_lines(manifest: Manifest) -> list[str]:
     tokens, stored, raw = c.get("tokens", 0), c.get("stored_bytes", 0), c.get("raw_bytes", 0)
     if not tokens:
         return []
-    ref = reference_bytes_per_token(manifest.hidden_size, np.dtype(STORED_DTYPES[manifest.dtype][0]).itemsize)
-    per_token = stored / tokens
     return [
-        f"  layers {manifest.captured_layers}, dtype {manifest.dtype}, codec {manifest.codec.to_dict()}",
+        f"  layers {manifest.captured_layers}, dtype {manifest.dtype}, states {manifest.codec.states}, "
+        f"codec {manifest.codec.to_dict()}",
         f"  bytes on disk {stored / 1e6:.1f} MB, raw {raw / 1e6:.1f} MB, compression {raw / max(stored, 1):.2f}x",
-        f"  bytes per token {per_token:.0f}, {per_token / ref:.2f}x the {ref} of reference per-sample files "
-        f"(4 states + 16, same dtype)",
+        "  " + per_token_line(stored / tokens, manifest.hidden_size, manifest.dtype, len(manifest.captured_layers) + 1),
     ]
+
+
+def per_token_line(per_token: float, hidden_size: int, dtype: str, states: int = 4) -> str:
+    """Bytes per token against the reference trainers' bf16 files (3 aux + final: 8H + 16), and against such files
+    holding as many states as the cache (``states``: captured layers + final) in the cache's own dtype, when
+    either differs."""
+    ref = reference_bytes_per_token(hidden_size)
+    line = f"bytes per token {per_token:.0f}, {per_token / ref:.3f}x the {ref} of reference per-sample files (8H+16)"
+    itemsize = np.dtype(STORED_DTYPES[dtype][0]).itemsize
+    if itemsize != 2 or states != 4:
+        same = states * hidden_size * itemsize + 16
+        line += f"; {per_token / same:.3f}x the {same} of such files with {states} states in {dtype}"
+    return line

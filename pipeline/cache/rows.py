@@ -8,6 +8,9 @@ zeros for a missing chunk.
 
 A chunk that holds committed rows must exist and match its checksum; otherwise the read raises ``CacheError``
 naming the part (never zeros). ``verify_part`` checks every committed chunk of a part (`inspect-cache --verify`).
+
+States stored as fp8 (``encoding.py``) are decoded chunk by chunk, in the same task that decompresses them, into
+the cache's stored dtype: every caller gets [rows, H] in that dtype whatever the encoding.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.common import ZARR_JSON
 from zarr.core.metadata.v3 import ArrayV3Metadata
 
-from pipeline.cache.format import hidden_name
+from pipeline.cache.encoding import decode_fp8, encoded
+from pipeline.cache.format import STORED_DTYPES, hidden_name
 from pipeline.errors import CacheError
 
 if TYPE_CHECKING:
@@ -71,6 +75,7 @@ class Held:
     def __init__(self):
         self.raw: dict[str, np.ndarray] = {}  # name -> buffer holding the frame
         self.chunk: dict[str, tuple[int, int, int]] = {}  # name -> (part, chunk, frame size)
+        self.codes: dict[tuple, np.ndarray] = {}  # (chunk rows, width) -> decompressed fp8 rows before decoding
 
 
 class RowReader:
@@ -88,6 +93,8 @@ class RowReader:
         self.checked: set[tuple[int, str]] = set()  # (part, name) whose zarr.json equals the layout's
         self.scratch: dict[tuple, np.ndarray] = {}  # one decoded chunk per (chunk, row shape, dtype)
         self.decoded_bytes = 0  # what was decompressed, wanted or not (the benchmark reports the overhead)
+        self.states = cache.manifest.codec.states
+        self.state_dtype = np.dtype(STORED_DTYPES[cache.dtype][0])
         self._local = threading.local()  # each thread's Held
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0  # the process that made the pool (a forked child needs its own)
@@ -104,27 +111,28 @@ class RowReader:
         outs, tasks = [], []
         for name, start, stop in spans:
             layout = self._layout(part, name)
-            out = np.empty((stop - start, *layout.row_shape), layout.dtype)
+            out = np.empty((stop - start, *self._row_shape(name, layout)), self._dtype(name, layout))
             outs.append(out)
             for c, lo, hi in _chunk_spans(start, stop, layout.chunk):
                 at = c * layout.chunk + lo - start
                 tasks.append((part, name, layout, c, lo, hi, out[at : at + hi - lo]))
         if parallel and len(tasks) > 1 and self.threads > 1:
-            self.decoded_bytes += sum(self._executor().map(lambda task: self._decode(*task), tasks))
+            self.decoded_bytes += sum(self._executor().map(lambda task: self._rows(*task), tasks))
         else:
-            self.decoded_bytes += sum(self._decode(*task) for task in tasks)
+            self.decoded_bytes += sum(self._rows(*task) for task in tasks)
         return outs
 
     def pieces(self, part: int, name: str, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
         """Rows ``start:stop`` as consecutive (first row, rows) pieces, one per chunk, each valid until the next
         is produced (they live in a reused buffer): the training loader copies them into its batch."""
         layout = self._layout(part, name)
-        key = (layout.chunk, layout.row_shape, layout.dtype.str)
+        row_shape, dtype = self._row_shape(name, layout), self._dtype(name, layout)
+        key = (layout.chunk, row_shape, dtype.str)
         if key not in self.scratch:
-            self.scratch[key] = np.empty((layout.chunk, *layout.row_shape), layout.dtype)
+            self.scratch[key] = np.empty((layout.chunk, *row_shape), dtype)
         buffer = self.scratch[key]
         for c, lo, hi in _chunk_spans(start, stop, layout.chunk):
-            self.decoded_bytes += self._decode(part, name, layout, c, lo, hi, buffer[lo:hi])
+            self.decoded_bytes += self._rows(part, name, layout, c, lo, hi, buffer[lo:hi])
             yield c * layout.chunk + lo, buffer[lo:hi]
 
     def chunk_rows(self, name: str) -> int:
@@ -170,6 +178,30 @@ class RowReader:
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool, self._pool_pid = ThreadPoolExecutor(self.threads, "cache-rows"), os.getpid()
         return self._pool
+
+    def _encoded(self, name: str) -> bool:
+        """Stored as fp8 codes (the aux and final states of an fp8 cache, and its audio embeddings if fp8-audio)."""
+        return encoded(self.states, name)
+
+    def _row_shape(self, name: str, layout: Layout) -> tuple[int, ...]:
+        return (layout.row_shape[0] - 1,) if self._encoded(name) else layout.row_shape
+
+    def _dtype(self, name: str, layout: Layout) -> np.dtype:
+        return self.state_dtype if self._encoded(name) else layout.dtype
+
+    def _rows(self, part: int, name: str, layout: Layout, c: int, lo: int, hi: int, out: np.ndarray) -> int:
+        """Rows ``lo:hi`` of chunk ``c`` into ``out`` as callers see them (fp8 states decoded); bytes decompressed."""
+        if not self._encoded(name):
+            return self._decode(part, name, layout, c, lo, hi, out)
+        if not hasattr(self._local, "held"):
+            self._local.held = Held()
+        codes = self._local.held.codes
+        if layout.row_shape not in codes:
+            codes[layout.row_shape] = np.empty((layout.chunk, *layout.row_shape), np.uint8)
+        stored = codes[layout.row_shape][: hi - lo]
+        done = self._decode(part, name, layout, c, lo, hi, stored)
+        decode_fp8(stored, out)
+        return done
 
     def _decode(self, part: int, name: str, layout: Layout, c: int, lo: int, hi: int, out: np.ndarray) -> int:
         """Rows ``lo:hi`` of chunk ``c`` into ``out`` (contiguous, ``hi - lo`` rows); returns the bytes decoded."""
@@ -245,6 +277,8 @@ class RowReader:
             raise Damage(f"array {name} has unreadable metadata ({path}: {err!r})") from None
         if name not in self.layouts:
             self.layouts[name] = _layout_of(name, meta, shape)
+            if self._encoded(name) and self.layouts[name].dtype != np.uint8:
+                raise Damage(f"array {name} does not hold fp8 codes, as the manifest says it does ({path})")
         layout = self.layouts[name]
         if layout.meta != meta or tuple(shape[1:]) != layout.row_shape:
             raise Damage(f"array {name} is stored unlike the same array of the other parts ({path})")

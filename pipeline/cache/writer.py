@@ -35,6 +35,7 @@ import zarr
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from pipeline.cache.encoding import check_encoding, encode_fp8, encoded
 from pipeline.cache.format import (
     COMMIT,
     HEAD_WEIGHTS,
@@ -153,13 +154,12 @@ class PartWriter:
         """The arrays, opened or created on first use: in the writer thread, off the model's path."""
         if self._streams is None:
             group = zarr.open_group(zarr.storage.LocalStore(self.path), mode="a")
-            state = STORED_DTYPES[self._dtype][0]
+            exact, fp8 = (STORED_DTYPES[self._dtype][0], (self._hidden_size,)), (np.uint8, (self._hidden_size + 1,))
+            rows = ["final_hidden", "audio_embeds", *map(hidden_name, self._layers)]
             specs = {
                 "input_ids": (np.int32, ()),
                 "loss_mask": (np.uint8, ()),
-                "final_hidden": (state, (self._hidden_size,)),
-                "audio_embeds": (state, (self._hidden_size,)),
-                **{hidden_name(i): (state, (self._hidden_size,)) for i in self._layers},
+                **{name: fp8 if encoded(self.codec.states, name) else exact for name in rows},
             }
             rows = {"audio_embeds": self.commit.audio_tokens}
             self._streams = {
@@ -174,6 +174,9 @@ class PartWriter:
         config = {"write_empty_chunks": True}
         if name in group:
             return group[name].with_config(config)
+        attributes = {"torch_dtype": self._dtype if tail else str(np.dtype(dtype))}
+        if encoded(self.codec.states, name):
+            attributes["state_encoding"] = "fp8"  # self-describing; readers go by the manifest
         return group.create_array(
             name,
             shape=(0, *tail),
@@ -181,7 +184,7 @@ class PartWriter:
             dtype=dtype,
             compressors=self.codec.compressors(np.dtype(dtype).itemsize),
             fill_value=0,
-            attributes={"torch_dtype": self._dtype if tail else str(np.dtype(dtype))},
+            attributes=attributes,
             config=config,
         )
 
@@ -200,9 +203,14 @@ class PartWriter:
         rows = {
             "input_ids": record.input_ids,
             "loss_mask": record.loss_mask,
-            "final_hidden": to_storable(s.final_hidden),
-            "audio_embeds": to_storable(s.audio_embeds),
-            **{hidden_name(i): to_storable(h) for i, h in s.hidden_states.items()},
+            **{
+                name: encode_fp8(t) if encoded(self.codec.states, name) else to_storable(t)  # on the writer's thread
+                for name, t in [
+                    ("final_hidden", s.final_hidden),
+                    ("audio_embeds", s.audio_embeds),
+                    *((hidden_name(i), h) for i, h in s.hidden_states.items()),
+                ]
+            },
         }
         for name, data in rows.items():
             self.streams[name].add(data)
@@ -445,6 +453,7 @@ def create_or_resume(
 
     ``head_weights``: ``embed_tokens``, ``norm``, ``lm_head`` of the target, asked for only when creating.
     The caller holds the cache's ``CacheLock``."""
+    check_encoding(manifest.codec.states, manifest.dtype)
     _make_directory(root)
     if (root / MANIFEST).exists():
         changed = _differences(_read_manifest(root), manifest)
@@ -482,10 +491,16 @@ def _write_head(root: Path, head_weights: Callable[[], dict[str, torch.Tensor]])
         raise OSError(f"writing the target's head weights failed: {err}") from None
 
 
+_CODEC_FLAGS = {"states": "state-encoding", "cname": "codec", "clevel": "level"}  # CodecConfig's renamed flags
+
+
 def _differences(old: Manifest, new: Manifest) -> list[str]:
     """The settings in which two manifests differ (compared as stored: tuples become lists, keys strings)."""
     a, b = old.to_dict(), json.loads(json.dumps(new.to_dict()))
     changed = [name for name in RESUME_FIELDS if a[name] != b[name]]
+    if "codec" in changed:  # defaults move between versions: say which flags resume this cache
+        flags = " ".join(f"--{_CODEC_FLAGS.get(k, k.replace('_', '-'))} {v}" for k, v in a["codec"].items())
+        changed[changed.index("codec")] = f"codec: this cache was written with {flags}"
     # The target's identity is opaque here: all of it must match, except the name it was loaded by (a model moves).
     old_target, new_target = ({**t, "name_or_path": None} for t in (a["target"], b["target"]))
     if old_target != new_target:

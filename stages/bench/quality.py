@@ -3,9 +3,9 @@
     1. train the small target (melody transcription, pipeline/testing/small_target.py), unless ROOT/target exists
     2. fresh tone clips for the draft (train) and held-out clips (eval), as webdataset shards
     3. regenerate the train shards' answers with the target itself
-    4. dump one cache with every layer captured
+    4. dump one cache with every layer captured (and one with fp8 states when a variant trains on it)
     5. train draft variants from that one cache: TTT 7 vs 1, audio embeddings merged / placeholder / mixed,
-       draft vocab sizes, auxiliary layer choices
+       draft vocab sizes, auxiliary layer choices, states stored as fp8
     6. speculative decoding of every variant on the held-out clips (lossless-checked), K=7, with the draft's inputs
        as SGLang or vLLM builds them (``eval-draft --serve``): the audio-embeddings variants under both engines
     7. QUALITY.md + quality.png: measured tau per variant, the trained-on x served-by matrix, and the offline
@@ -39,13 +39,15 @@ BASE = ["--ttt-steps", "7", "--draft-vocab-size", "256", "--layers", "2,4,5"]
 
 @dataclass(frozen=True)
 class Variant:
-    """One measured row: a draft trained with ``train`` flags (in run ``run``, default: named after the row),
-    decoded with its inputs built as ``serve`` builds them (eval-draft --serve)."""
+    """One measured row: a draft trained with ``train`` flags (in run ``run``, default: named after the row) from
+    the cache whose states are stored as ``states`` (dump-hidden --state-encoding), decoded with its inputs built as
+    ``serve`` builds them (eval-draft --serve)."""
 
     name: str
     train: list[str]
     serve: str = "sglang"
     run: str | None = None
+    states: str = "exact"
 
     @property
     def run_name(self) -> str:
@@ -92,6 +94,7 @@ class QualityPlan:
             Variant("vocab 1024", [*BASE, "--draft-vocab-size", "1024"]),
             Variant("layers 1,2,3", [*BASE, "--layers", "1,2,3"]),
             Variant("layers 5,6,7", [*BASE, "--layers", "5,6,7"]),
+            Variant("fp8 states", BASE, states="fp8"),  # compare with "mixed embeds, served by sglang"
         ]
     )
 
@@ -133,14 +136,17 @@ def run(plan: QualityPlan) -> list[dict]:
         write_tone_shards(data / "train", plan.draft_clips, seed=1, per_shard=100, cfg=tones)
     stage("stages.regenerate", f"{data}/train/*.tar", str(data / "train-regen"), "--model", str(target),
           "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "16")  # fmt: skip
-    stage("stages.dump_hidden", f"{data}/train-regen/*.tar", str(cache), "--model", str(target),
-          "--layers", "1,2,3,4,5,6,7")  # fmt: skip
+    for states in sorted({v.states for v in plan.variants} | {"exact"}):
+        if dumped(cache_dir(cache, states)):  # finished (maybe with an earlier version's codec defaults): keep it
+            continue
+        stage("stages.dump_hidden", f"{data}/train-regen/*.tar", str(cache_dir(cache, states)), "--model",
+              str(target), "--layers", "1,2,3,4,5,6,7", "--state-encoding", states)  # fmt: skip
     results = []
     for variant in plan.variants:
         run_dir, eval_dir = runs / variant.run_name, runs / variant.run_name / variant.eval_dir
         if not (run_dir / "eval.json").exists():  # never trained, or an attempt that died: train from scratch
-            stage("stages.train_draft", str(cache), "--runs-dir", str(runs), "--name", variant.run_name, "--overwrite",
-                  *variant.train, *plan.train_flags())  # fmt: skip
+            stage("stages.train_draft", str(cache_dir(cache, variant.states)), "--runs-dir", str(runs), "--name",
+                  variant.run_name, "--overwrite", *variant.train, *plan.train_flags())  # fmt: skip
         if not (eval_dir / "eval.json").exists():
             # The run's held-out clips: the very samples its offline estimate was computed on.
             stage("stages.eval_draft", str(run_dir), f"{data}/train-regen/*.tar", "--model", str(target),
@@ -155,6 +161,16 @@ def run(plan: QualityPlan) -> list[dict]:
                         "speedup": measured["tokens_per_s"]["speedup"], "clips": measured["samples"]})  # fmt: skip
     report(plan, results, time.time() - started)
     return results
+
+
+def dumped(cache: Path) -> bool:
+    manifest = cache / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("complete") is True
+
+
+def cache_dir(cache: Path, states: str) -> Path:
+    """The cache of one state encoding: ROOT/cache (exact, as before) or ROOT/cache-fp8."""
+    return cache if states == "exact" else cache.with_name(f"{cache.name}-{states}")
 
 
 def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
