@@ -30,7 +30,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from pipeline.cache.format import CodecConfig, Manifest, SampleStates
+from pipeline.cache.format import MANIFEST, CodecConfig, Manifest, SampleStates
 from pipeline.cache.writer import (
     BackgroundWriter,
     CacheLock,
@@ -160,7 +160,7 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None, times: DumpTime
     try:
         if lock and cfg.out.exists():
             lock.acquire()  # before loading the target: a second dump into a busy cache fails at once
-        target = target or load_target(cfg.model, resolve_dtype(cfg.dtype, state.device, cfg.model), state.device)
+        target = target or load_target(cfg.model, _dtype(cfg, state.device), state.device)
         layers = _check_layers(cfg.layers or target.default_layers(), target.num_layers)
         if lock:
             lock.acquire()
@@ -171,6 +171,20 @@ def run_dump(cfg: DumpConfig, target: AudioTarget | None = None, times: DumpTime
     finally:
         if lock:
             lock.release()
+
+
+def _dtype(cfg: DumpConfig, device: torch.device) -> str:
+    """The dtype asked for; else, resuming, the cache's own (the default depends on the memory free at the time, and a
+    resume must not flip it); else the default for this model and device."""
+    if cfg.dtype is None and (cfg.out / MANIFEST).is_file():
+        try:
+            dtype = Manifest.read(cfg.out).dtype
+        except PipelineError:
+            dtype = None  # a damaged manifest: create_or_resume says what is wrong with it
+        if dtype:
+            print(f"dtype: {dtype} (the cache's, resuming it; --dtype overrides)", flush=True)
+            return dtype
+    return resolve_dtype(cfg.dtype, device, cfg.model)
 
 
 def _create_or_resume(cfg: DumpConfig, target: AudioTarget, layers: list[int], urls: list[str]) -> None:

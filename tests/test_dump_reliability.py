@@ -155,6 +155,18 @@ def test_the_same_model_at_another_path_resumes(tmp_path, tiny_dir, valid):
     assert str(first) not in json.dumps(resumed.target["config"])  # the path is no part of the identity
 
 
+def test_a_resume_without_dtype_keeps_the_caches_dtype(tmp_path, tiny_dir, valid, capsys):
+    """The default dtype depends on the memory free at the time; resuming, the cache's own dtype is used instead, so
+    a bfloat16 cache started when memory was short still resumes (float32 would be refused as another dtype)."""
+    shard, more, out = tmp_path / "shard.tar", tmp_path / "more.tar", tmp_path / "cache"
+    write_tar(shard, valid[:2])
+    write_tar(more, valid[2:3])
+    dump(shard, out, load_target(str(tiny_dir), "bfloat16", "cpu"), dtype="bfloat16")
+    resumed = run_dump(DumpConfig(shards=f"{shard},{more}", out=out, model=str(tiny_dir)))
+    assert resumed.complete and resumed.dtype == "bfloat16" and resumed.counts["samples"] == 3
+    assert "dtype: bfloat16 (the cache's, resuming it" in capsys.readouterr().out
+
+
 def test_weights_are_hashed_once_per_file_and_hub_blobs_not_at_all(tmp_path, tiny_dir, monkeypatch):
     import pipeline.targets.model_files as model_files
 
