@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.targets.model_files import PICKLED, SAFETENSORS, model_directory
 
 # float32 weights must fit in available memory this many times over: activations, the KV cache, the full-vocab
@@ -93,7 +94,12 @@ def resolve_dtype(requested: str | None, device: str | torch.device, model: str)
     if torch.device(device).type == "cpu":
         from pipeline.targets import resolve_model
 
-        params = parameter_count(model_directory(resolve_model(model)))
+        try:
+            params = parameter_count(model_directory(resolve_model(model)))
+        except (OSError, ValueError, KeyError, PipelineError) as err:
+            # Not a readable model: loading it, next, says what to fix; no size, no reason to leave float32.
+            print(f"dtype: float32 (the model's size could not be read: {type(err).__name__})", flush=True)
+            return "float32"
         copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         choice = choose_dtype(device, params, available_memory(), copies)
     else:
