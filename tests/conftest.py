@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per pytest worker and per stage it launches: `just test` runs a worker per core, and more
+# threads would only oversubscribe the cores (OpenMP threads spin while they wait). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SHARDS = str(REPO / "data/sample/shards/sample-{000000..000003}.tar")
 
