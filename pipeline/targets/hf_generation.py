@@ -1,4 +1,5 @@
-"""Batched generation with a transformers model, for adapters: end tokens, generation configs, seeded sampling.
+"""What adapters over a transformers model share: generation prompts with the clip's audio tokens, batched generation
+(end tokens, generation configs, seeded sampling) and the KV-cache steps of speculative decoding.
 
 Nothing here knows a model family: an adapter hands over its HF model, the prompts' ids and the tensors its
 model takes (audio features), and gets back each prompt's new tokens.
@@ -7,14 +8,63 @@ model takes (audio features), and gets back each prompt's new tokens.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from pipeline.targets.base import Sampling
+from pipeline.inputs.conversation import BadSample, Message
+from pipeline.inputs.prompt import render_chat
+from pipeline.targets.base import Sampling, TargetInputs
+
+
+def generation_prompt(
+    tokenizer,
+    chat_template: str,
+    messages: list[Message],
+    audio_token_id: int,
+    audio_inputs: Callable[[], tuple[dict[str, torch.Tensor], int]],
+    max_length: int,
+) -> TargetInputs:
+    """The prompt that asks for the next assistant turn, its one audio placeholder expanded to the clip's audio
+    tokens; ``audio_inputs()`` gives (the encoder's inputs, the clip's audio token count) when the prompt holds it."""
+    text = render_chat(tokenizer, chat_template, messages, generation_prompt=True)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    where = (ids == audio_token_id).nonzero().flatten()
+    if len(where) > 1:
+        raise BadSample(f"rendered prompt holds {len(where)} audio placeholders; expected at most 1")
+    model_inputs = {}
+    if len(where) == 1:  # else the clip comes in a later user turn: this prompt is text only
+        model_inputs, count = audio_inputs()
+        at = int(where[0])
+        audio = torch.full((count,), audio_token_id, dtype=ids.dtype)
+        ids = torch.cat([ids[:at], audio, ids[at + 1 :]])
+    if len(ids) >= max_length:
+        raise BadSample(
+            f"over the length limit: the prompt has {len(ids)} tokens, no room for an answer within "
+            f"--max-length {max_length}"
+        )
+    return TargetInputs(ids, torch.zeros(len(ids), dtype=torch.bool), model_inputs)
+
+
+class HFDecoding:
+    """The parts of ``AudioTarget`` that are the same for every HF causal LM (``self.tokenizer``, ``self.model``,
+    ``self.device``): decoding ids to text, cropping a ``DynamicCache``, token embeddings. Listed before
+    ``AudioTarget`` among an adapter's bases."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(
+            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def crop_cache(self, cache: DynamicCache, length: int) -> None:
+        cache.crop(length - cache.get_seq_length())  # transformers 5: a negative count removes that many tokens
+
+    @torch.no_grad()
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
 
 
 def end_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:

@@ -13,6 +13,7 @@ read, sliced from the same 3000-frame features: the same values as the full-leng
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from pipeline.errors import TargetError
 from pipeline.inputs.conversation import BadSample, Message
-from pipeline.inputs.prompt import build_prompt, render_chat
+from pipeline.inputs.prompt import build_prompt
 from pipeline.targets.base import (
     AudioTarget,
     DraftDefaults,
@@ -31,7 +32,7 @@ from pipeline.targets.base import (
     TargetInputs,
     TargetStates,
 )
-from pipeline.targets.hf_generation import end_token_ids, generate_batch, pad_token_id
+from pipeline.targets.hf_generation import HFDecoding, end_token_ids, generate_batch, generation_prompt, pad_token_id
 from pipeline.targets.model_files import model_directory, tokenizer_digest, weights_digest
 
 AUDIO_TOKEN = "<|AUDIO|>"
@@ -104,7 +105,7 @@ class Qwen2AudioInputs:
         return TargetInputs(prompt.input_ids, prompt.loss_mask, model_inputs)
 
 
-class Qwen2AudioTarget(AudioTarget):
+class Qwen2AudioTarget(HFDecoding, AudioTarget):
     model_type = "qwen2_audio"
 
     def __init__(self, path: str, name_or_path: str, dtype: torch.dtype, device: torch.device):
@@ -288,23 +289,10 @@ class Qwen2AudioTarget(AudioTarget):
     # -- generation --------------------------------------------------------------------------------------------
 
     def generation_inputs(self, messages: list[Message], wave: np.ndarray, max_length: int) -> TargetInputs:
-        text = render_chat(self.tokenizer, self.processor.chat_template, messages, generation_prompt=True)
-        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        where = (ids == self.audio_token_id).nonzero().flatten()
-        if len(where) > 1:
-            raise BadSample(f"rendered prompt holds {len(where)} audio placeholders; expected at most 1")
-        model_inputs = {}
-        if len(where) == 1:  # else the clip comes in a later user turn: this prompt is text only
-            model_inputs, count = self._preparer.audio_inputs(wave)
-            at = int(where[0])
-            audio = torch.full((count,), self.audio_token_id, dtype=ids.dtype)
-            ids = torch.cat([ids[:at], audio, ids[at + 1 :]])
-        if len(ids) >= max_length:
-            raise BadSample(
-                f"over the length limit: the prompt has {len(ids)} tokens, no room for an answer within "
-                f"--max-length {max_length}"
-            )
-        return TargetInputs(ids, torch.zeros(len(ids), dtype=torch.bool), model_inputs)
+        audio_inputs = partial(self._preparer.audio_inputs, wave)  # called only if the prompt holds the clip
+        return generation_prompt(
+            self.tokenizer, self.processor.chat_template, messages, self.audio_token_id, audio_inputs, max_length
+        )
 
     def generate(
         self,
@@ -321,11 +309,6 @@ class Qwen2AudioTarget(AudioTarget):
         ids = [p.input_ids for p in prompts]
         return generate_batch(
             self.model, ids, model_inputs, max_new_tokens, eos, self.pad_token_id, sampling, checkpoint_settings
-        )
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(
-            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
     # -- step by step decoding ---------------------------------------------------------------------------------
@@ -353,10 +336,3 @@ class Qwen2AudioTarget(AudioTarget):
         )
         states = out.hidden_states  # [0] the merged input embeddings (audio features scattered in)
         return StepOutput(out.logits[0], {i: states[i][0] for i in layers}, states[0][0])
-
-    def crop_cache(self, cache: DynamicCache, length: int) -> None:
-        cache.crop(length - cache.get_seq_length())  # transformers 5: a negative count removes that many tokens
-
-    @torch.no_grad()
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))

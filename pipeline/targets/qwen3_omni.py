@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,9 @@ from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_fe
 
 from pipeline.errors import TargetError
 from pipeline.inputs.conversation import BadSample, Message
-from pipeline.inputs.prompt import build_prompt, render_chat
+from pipeline.inputs.prompt import build_prompt
 from pipeline.targets.base import AudioTarget, DraftDefaults, Sampling, StepOutput, TargetInputs, TargetStates
-from pipeline.targets.hf_generation import end_token_ids, generate_batch, pad_token_id
+from pipeline.targets.hf_generation import HFDecoding, end_token_ids, generate_batch, generation_prompt, pad_token_id
 from pipeline.targets.model_files import model_directory, tokenizer_digest, weights_digest
 
 AUDIO_TOKEN = "<|audio_pad|>"
@@ -118,7 +119,7 @@ def pad_features(inputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
     return {"input_features": torch.cat(features), "feature_attention_mask": torch.cat(masks)}
 
 
-class Qwen3OmniTarget(AudioTarget):
+class Qwen3OmniTarget(HFDecoding, AudioTarget):
     model_type = "qwen3_omni_moe"
 
     def __init__(self, path: str, name_or_path: str, dtype: torch.dtype, device: torch.device):
@@ -244,23 +245,10 @@ class Qwen3OmniTarget(AudioTarget):
     # -- generation --------------------------------------------------------------------------------------------
 
     def generation_inputs(self, messages: list[Message], wave: np.ndarray, max_length: int) -> TargetInputs:
-        text = render_chat(self.tokenizer, self.chat_template, messages, generation_prompt=True)
-        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        where = (ids == self.audio_token_id).nonzero().flatten()
-        if len(where) > 1:
-            raise BadSample(f"rendered prompt holds {len(where)} audio placeholders; expected at most 1")
-        model_inputs = {}
-        if len(where) == 1:  # else the clip comes in a later user turn: this prompt is text only
-            model_inputs, count = self._preparer.audio_inputs(wave)
-            at = int(where[0])
-            audio = torch.full((count,), self.audio_token_id, dtype=ids.dtype)
-            ids = torch.cat([ids[:at], audio, ids[at + 1 :]])
-        if len(ids) >= max_length:
-            raise BadSample(
-                f"over the length limit: the prompt has {len(ids)} tokens, no room for an answer within "
-                f"--max-length {max_length}"
-            )
-        return TargetInputs(ids, torch.zeros(len(ids), dtype=torch.bool), model_inputs)
+        audio_inputs = partial(self._preparer.audio_inputs, wave)  # called only if the prompt holds the clip
+        return generation_prompt(
+            self.tokenizer, self.chat_template, messages, self.audio_token_id, audio_inputs, max_length
+        )
 
     def generate(
         self,
@@ -278,11 +266,6 @@ class Qwen3OmniTarget(AudioTarget):
         ids = [p.input_ids for p in prompts]
         return generate_batch(
             self.model, ids, model_inputs, max_new_tokens, eos, self.pad_token_id, sampling, checkpoint_settings
-        )
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(
-            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
     # -- step by step decoding ---------------------------------------------------------------------------------
@@ -317,10 +300,3 @@ class Qwen3OmniTarget(AudioTarget):
         axis (see the module docstring), passed explicitly so no state kept on the model is read."""
         positions = torch.arange(start, start + length, device=self.device)
         return positions.view(1, 1, -1).expand(MROPE_AXES, 1, -1)
-
-    def crop_cache(self, cache: DynamicCache, length: int) -> None:
-        cache.crop(length - cache.get_seq_length())  # transformers 5: a negative count removes that many tokens
-
-    @torch.no_grad()
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))
