@@ -79,9 +79,9 @@ quality *flags:
 test *flags:
     {{py}} -m pytest -q -n auto --dist worksteal "$@"
 
-# The edit loop's tier (under 90 s): in-process tests only, no stage launches, no multi-rank runs.
+# The edit loop's tier (~100 s on 2 cores): no trainings, long dumps or multi-rank runs; a worker per core.
 test-fast *flags:
-    {{py}} -m pytest -q -m "not slow and not distributed" "$@"
+    {{py}} -m pytest -q -n auto --dist worksteal -m "not slow and not distributed" "$@"
 
 # Lint and format check (CI runs it).
 lint:
