@@ -17,7 +17,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from pipeline.inputs.conversation import BadSample, Message
 from pipeline.inputs.prompt import render_chat
-from pipeline.targets.base import Sampling, TargetInputs
+from pipeline.targets.base import Sampling, TargetInputs, TargetStates
 
 
 def generation_prompt(
@@ -47,6 +47,30 @@ def generation_prompt(
             f"--max-length {max_length}"
         )
     return TargetInputs(ids, torch.zeros(len(ids), dtype=torch.bool), model_inputs)
+
+
+@torch.no_grad()
+def hidden_states_of(
+    inner_model: PreTrainedModel, inputs: TargetInputs, layers: list[int], audio_token_id: int, device
+) -> TargetStates:
+    """One sample through an HF multimodal model's inner model (no lm_head: logits over the full vocabulary are not
+    cached, only their input): the requested layers' outputs, the final normed state and the merged input
+    embeddings at audio positions, on the CPU."""
+    ids = inputs.input_ids[None].to(device)
+    out = inner_model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        **{k: v.to(device) for k, v in inputs.model_inputs.items()},
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    states = out.hidden_states  # [0] merged input embeddings, [i] output of decoder layer i
+    audio_positions = (ids[0] == audio_token_id).to(states[0].device)
+    return TargetStates(
+        hidden_states={i: states[i][0].cpu() for i in layers},
+        final_hidden=out.last_hidden_state[0].cpu(),  # after the final norm: the lm_head input
+        audio_embeds=states[0][0, audio_positions].cpu(),
+    )
 
 
 class HFDecoding:

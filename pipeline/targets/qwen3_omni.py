@@ -49,7 +49,14 @@ from pipeline.errors import TargetError
 from pipeline.inputs.conversation import BadSample, Message
 from pipeline.inputs.prompt import build_prompt
 from pipeline.targets.base import AudioTarget, DraftDefaults, Sampling, StepOutput, TargetInputs, TargetStates
-from pipeline.targets.hf_generation import HFDecoding, end_token_ids, generate_batch, generation_prompt, pad_token_id
+from pipeline.targets.hf_generation import (
+    HFDecoding,
+    end_token_ids,
+    generate_batch,
+    generation_prompt,
+    hidden_states_of,
+    pad_token_id,
+)
 from pipeline.targets.model_files import model_directory, tokenizer_digest, weights_digest
 
 AUDIO_TOKEN = "<|audio_pad|>"
@@ -160,25 +167,11 @@ class Qwen3OmniTarget(HFDecoding, AudioTarget):
     def preparer(self) -> Qwen3OmniInputs:
         return self._preparer
 
-    @torch.no_grad()
     def forward(self, inputs: TargetInputs, layers: list[int]) -> TargetStates:
-        ids = inputs.input_ids[None].to(self.device)
-        # The thinker's inner model skips the lm_head: only its input (the final state) is cached.
-        out = self.model.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            **{k: v.to(self.device) for k, v in inputs.model_inputs.items()},
-            output_hidden_states=True,
-            use_cache=False,
-        )
+        # The thinker's inner model, as SGLang captures it; the positions the forward computed are then checked.
+        states = hidden_states_of(self.model.model, inputs, layers, self.audio_token_id, self.device)
         self._check_positions()
-        states = out.hidden_states  # [0] merged input embeddings, [i] output of decoder layer i
-        audio_positions = (ids[0] == self.audio_token_id).to(states[0].device)
-        return TargetStates(
-            hidden_states={i: states[i][0].cpu() for i in layers},
-            final_hidden=out.last_hidden_state[0].cpu(),  # after the final norm: the lm_head input
-            audio_embeds=states[0][0, audio_positions].cpu(),
-        )
+        return states
 
     def _check_positions(self) -> None:
         """The prompt's mRoPE delta, which the forward just computed, must be 0: every axis the token index."""
