@@ -17,7 +17,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from pipeline.inputs.conversation import BadSample, Message
 from pipeline.inputs.prompt import render_chat
-from pipeline.targets.base import Sampling, TargetInputs, TargetStates
+from pipeline.targets.base import DraftDefaults, Sampling, TargetInputs, TargetStates
 
 
 def generation_prompt(
@@ -70,6 +70,23 @@ def hidden_states_of(
         hidden_states={i: states[i][0].cpu() for i in layers},
         final_hidden=out.last_hidden_state[0].cpu(),  # after the final norm: the lm_head input
         audio_embeds=states[0][0, audio_positions].cpu(),
+    )
+
+
+def draft_defaults_of(text) -> DraftDefaults:
+    """One decoder layer of an HF text config as a dense Llama layer config (the draft's defaults): width, heads,
+    head size, norm epsilon, RoPE base, positions and vocabulary, whichever way the config spells them."""
+    rope = getattr(text, "rope_parameters", None) or {}
+    return DraftDefaults(
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads or text.num_attention_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        rms_norm_eps=float(text.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
+        max_position_embeddings=text.max_position_embeddings,
+        vocab_size=text.vocab_size,
     )
 
 

@@ -34,6 +34,7 @@ from pipeline.targets.base import (
 )
 from pipeline.targets.hf_generation import (
     HFDecoding,
+    draft_defaults_of,
     end_token_ids,
     generate_batch,
     generation_prompt,
@@ -236,19 +237,7 @@ class Qwen2AudioTarget(HFDecoding, AudioTarget):
 
     def draft_defaults(self) -> DraftDefaults:
         """One decoder layer of the language model, as a Llama layer config."""
-        text = self.model.config.text_config
-        rope = getattr(text, "rope_parameters", None) or {}
-        return DraftDefaults(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_attention_heads=text.num_attention_heads,
-            num_key_value_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            rms_norm_eps=float(text.rms_norm_eps),
-            rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
-            max_position_embeddings=text.max_position_embeddings,
-            vocab_size=text.vocab_size,
-        )
+        return draft_defaults_of(self.model.config.text_config)
 
     def identity(self) -> dict:
         """What the target is, by content: a copy of the model elsewhere is the same target, any change of its

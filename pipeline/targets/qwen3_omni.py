@@ -51,6 +51,7 @@ from pipeline.inputs.prompt import build_prompt
 from pipeline.targets.base import AudioTarget, DraftDefaults, Sampling, StepOutput, TargetInputs, TargetStates
 from pipeline.targets.hf_generation import (
     HFDecoding,
+    draft_defaults_of,
     end_token_ids,
     generate_batch,
     generation_prompt,
@@ -193,19 +194,7 @@ class Qwen3OmniTarget(HFDecoding, AudioTarget):
     def draft_defaults(self) -> DraftDefaults:
         """One decoder layer of the thinker's language model as a dense Llama layer (the draft has no experts):
         its width, heads and RoPE base, and the dense ``intermediate_size`` the text config declares."""
-        text = self.model.config.text_config
-        rope = getattr(text, "rope_parameters", None) or {}
-        return DraftDefaults(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_attention_heads=text.num_attention_heads,
-            num_key_value_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            rms_norm_eps=float(text.rms_norm_eps),
-            rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
-            max_position_embeddings=text.max_position_embeddings,
-            vocab_size=text.vocab_size,
-        )
+        return draft_defaults_of(self.model.config.text_config)
 
     def identity(self) -> dict:
         """What the target is, by content (weights, tokenizer, chat template, audio features); computed once."""
