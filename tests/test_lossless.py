@@ -149,3 +149,8 @@ def test_eval_fails_beyond_the_tolerance_and_in_float32_on_any_difference(draft_
         (mismatch,) = report["mismatches"]
         assert not report["lossless"] and report["ties"] == [] and mismatch["index"] == 2
         assert mismatch["deviations"][0]["index"] == 2 and not mismatch["deviations"][0]["tie"]
+
+
+def test_a_negative_tie_tolerance_is_refused():
+    with pytest.raises(ValueError, match="tie_ulps must be >= 0"):
+        EvalConfig(draft="runs/x", shards="shards.tar", tie_ulps=-1)

@@ -74,6 +74,10 @@ class EvalConfig:
         "placeholder's; see pipeline/draft/serving.py); default: the engine the draft was trained for",
     )
 
+    def __post_init__(self) -> None:
+        if self.tie_ulps < 0:  # a negative tolerance would call every bf16 near-tie a failure
+            raise ValueError(f"tie_ulps must be >= 0 (0: only exact ties), got {self.tie_ulps}")
+
 
 def locate(path: str | Path) -> tuple[Path, Path | None]:
     """-> (the SGLang export directory, the run directory holding it or None)."""

@@ -35,6 +35,7 @@ from pipeline.cache.encoding import decode_fp8, encode_fp8
 from pipeline.cache.format import to_storable
 from pipeline.cache.reader import open_cache
 from pipeline.cache.report import reference_bytes_per_token
+from stages.exits import user_errors
 
 SHUFFLES = {"bitshuffle": Blosc.BITSHUFFLE, "shuffle": Blosc.SHUFFLE, "noshuffle": Blosc.NOSHUFFLE}
 MIB = 1 << 20
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     numcodecs.blosc.set_nthreads(1)  # per core
     torch.set_num_threads(1)
-    st = load_states(a.cache, a.samples, getattr(torch, a.dtype))
+    with user_errors():  # not a cache, or a damaged one: the message, not a traceback
+        st = load_states(a.cache, a.samples, getattr(torch, a.dtype))
     audio_share = len(st.audio) / st.tokens
     ref = reference_bytes_per_token(st.hidden)
     print(f"{a.cache}: {st.tokens} tokens ({audio_share:.0%} audio) of H={st.hidden} states as {a.dtype}, "
