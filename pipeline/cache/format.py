@@ -294,6 +294,12 @@ def from_stored(a: np.ndarray, dtype_name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).view(STORED_DTYPES[dtype_name][1])
 
 
+def as_stored(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor in its stored form (bf16 as uint16), sharing its memory: row gathers and
+    scatters through numpy ran ~10x faster than torch's index_select / index_put on CPU (4096-wide bf16 rows)."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def write_json_atomic(path: Path, doc: dict) -> None:
     """Write-then-rename: readers and killed processes see the old file or the new one, never half of one.
 

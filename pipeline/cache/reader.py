@@ -29,6 +29,7 @@ from pipeline.cache.format import (
     Manifest,
     PartCommit,
     PartSummary,
+    as_stored,
     from_stored,
     hidden_name,
 )
@@ -124,18 +125,25 @@ class HiddenStateCache:
         audio_span = ("audio_embeds", commit.audio_offsets[i], commit.audio_offsets[i + 1])
         spans = [*((name, a, b) for name in names), audio_span]
         ids, mask, final, *hidden, audio = self.rows.read_many(p, spans)  # all chunks decoded in parallel
-        ids = torch.from_numpy(ids.astype(np.int64))
-        embeds = torch.index_select(self.embed_tokens, 0, ids)
-        embeds[(ids == self.audio_token_id).nonzero().squeeze(1)] = from_stored(audio, self.dtype).to(embeds.dtype)
+        ids = ids.astype(np.int64)
         return {
             "key": commit.keys[i],
             "shard": commit.shard,
-            "input_ids": ids,
+            "input_ids": torch.from_numpy(ids),
             "loss_mask": torch.from_numpy(mask.astype(bool)),
             "hidden_states": {layer: from_stored(h, self.dtype) for layer, h in zip(self.layers, hidden, strict=True)},
             "final_hidden": from_stored(final, self.dtype),
-            "inputs_embeds": embeds,
+            "inputs_embeds": self.inputs_embeds(ids, from_stored(audio, self.dtype)),
         }
+
+    def inputs_embeds(self, ids: np.ndarray, audio: torch.Tensor) -> torch.Tensor:
+        """What the draft reads: the target's token embeddings, audio positions (in order) filled with ``audio``."""
+        embeds = torch.empty((len(ids), self.manifest.hidden_size), dtype=self.embed_tokens.dtype)
+        out, table, at_audio = as_stored(embeds), as_stored(self.embed_tokens), ids == self.audio_token_id
+        text = np.flatnonzero(~at_audio)
+        out[text] = table[ids[text]]
+        out[np.flatnonzero(at_audio)] = as_stored(audio.to(embeds.dtype))
+        return embeds
 
     @cached_property
     def embed_tokens(self) -> torch.Tensor:
