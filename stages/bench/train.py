@@ -510,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     codec = CodecConfig(cname=a.cname, clevel=a.clevel, shuffle=a.shuffle, chunk_tokens=a.chunk_tokens)
     cfg = LoaderConfig(layers=LAYERS, max_tokens=a.max_tokens, num_workers=a.workers, eval_percent=0.0)
+    if a.dir is not None:
+        a.dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         root = Path(tmp)
         start = time.perf_counter()
