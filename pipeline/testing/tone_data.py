@@ -10,6 +10,8 @@ held-out clips are simply the indices after the training ones.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -83,6 +85,9 @@ class ToneConfig:
 
 
 DEFAULT_TONES = ToneConfig()
+# A draft's data (`just pipeline`, `just quality`): transcriptions only (the answers eval-draft generates), long
+# melodies that mostly climb in thirds: a "language" the draft can learn, with the audio deciding every deviation.
+DRAFT_TONES = ToneConfig(min_notes=12, max_notes=16, count_fraction=0.0, thirds=0.85)
 
 
 @dataclass(frozen=True)
@@ -168,3 +173,19 @@ def write_tone_shards(
                 record = {"key": key, "audio": f"{key}.wav", "conversations": clip.conversations, "notes": clip.notes}
                 f.write(json.dumps(record) + "\n")
         return write_shards(manifest, str(out_dir / "tones-%06d.tar"), max_count=per_shard)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write melody clips (a draft's data, DRAFT_TONES) as webdataset shards.")
+    p.add_argument("out", type=Path, help="directory for tones-%%06d.tar")
+    p.add_argument("--count", type=int, default=480)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--per-shard", type=int, default=100)
+    p.add_argument("--thirds", type=float, default=DRAFT_TONES.thirds, help="0: random notes")
+    a = p.parse_args(argv)
+    shards = write_tone_shards(a.out, a.count, a.seed, a.per_shard, dataclasses.replace(DRAFT_TONES, thirds=a.thirds))
+    print(f"{a.count} melody clips in {len(shards)} shards under {a.out}")
+
+
+if __name__ == "__main__":
+    main()
