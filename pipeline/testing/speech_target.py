@@ -41,6 +41,12 @@ SPEECH_PROMPTS: tuple[str, ...] = (
     "Write down what is said.",
     "Transcribe this recording.",
 )
+# Published EAGLE-3 acceptance lengths on real audio LLMs (7B-class targets; not comparable to a 3M-parameter one).
+PUBLISHED_ANCHORS = (
+    "3.51 on LibriSpeech (Qwen2-Audio-7B-Instruct, AngelSlim's EAGLE-3 draft, served by vLLM)",
+    "3.37 on AISHELL (SGLang PR 33051)",
+    "3.12 on LibriSpeech test-clean (Qwen3-Omni, SGLang PR 33051)",
+)
 _PROMPT_STREAM = 7  # salt: the prompt's draw is independent of speech_data's voice, rate and pitch draws
 # The target's speech: still several voices (three of espeak-ng's English accents, each also as its female variant),
 # rates and pitches, but narrower than the corpus's defaults and at most 8 s (~4% of the sentences are longer), so a

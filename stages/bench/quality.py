@@ -1,15 +1,18 @@
 """`just quality`: the whole pipeline on a small trained target, and every draft comparison measured.
 
-    1. train the small target (melody transcription, pipeline/testing/small_target.py), unless ROOT/target exists
-    2. fresh tone clips for the draft (train) and held-out clips (eval), as webdataset shards
+    1. train the small target (melody transcription, pipeline/testing/small_target.py; --task speech: English speech,
+       stages/bench/quality_speech.py), unless ROOT/target exists or --target names a trained one
+    2. fresh clips for the draft (train) and held-out clips (eval), as webdataset shards (speech: a local HF audio
+       dataset converted by `make-shards --hf-dataset`, as users bring theirs)
     3. regenerate the train shards' answers with the target itself
     4. dump one cache with every layer captured (and one with fp8 states when a variant trains on it)
     5. train draft variants from that one cache: TTT 7 vs 1, audio embeddings merged / placeholder / mixed,
        draft vocab sizes, auxiliary layer choices, states stored as fp8
     6. speculative decoding of every variant on the held-out clips (lossless-checked), K=7, with the draft's inputs
        as SGLang or vLLM builds them (``eval-draft --serve``): the audio-embeddings variants under both engines
-    7. QUALITY.md + quality.png: measured tau per variant, the trained-on x served-by matrix, and the offline
-       (teacher-forced) estimate against each measured tau
+    7. QUALITY.md (speech: QUALITY-speech.md) + quality.png + quality.json: measured tau per variant with a 95%
+       bootstrap interval over the held-out clips, the paired difference to the base draft on the same clips, the
+       trained-on x served-by matrix, and the offline (teacher-forced) estimate against each measured tau
 
 Each step is the project's own stage run as a user runs it, so the benchmark exercises the real commands.
 Finished steps are skipped on a re-run (delete ROOT to start over).
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -76,8 +80,12 @@ def serving_matrix() -> list[Variant]:
 
 @dataclass
 class QualityPlan:
+    """The melody benchmark; stages/bench/quality_speech.py's SpeechQualityPlan overrides the task's parts (target
+    task, draft data, variants, report name and notes)."""
+
     root: Path = Path("runs/quality")
     target_flags: list[str] = field(default_factory=list)  # for train_small_target (defaults: the full one)
+    target: Path | None = None  # a trained target directory to use as it is (default: ROOT/target, trained if absent)
     # The draft's data: each next note climbs a third with this chance, else is random (0: random notes only).
     thirds: float = 0.85
     draft_clips: int = 480
@@ -97,11 +105,45 @@ class QualityPlan:
             Variant("fp8 states", BASE, states="fp8"),  # compare with "mixed embeds, served by sglang"
         ]
     )
+    baseline: str = "mixed embeds, served by sglang"  # the row every other is compared with (paired, same clips)
+    resamples: int = 2000  # bootstrap resamples of the held-out clips
+    command: str = "just quality"  # how the run was started, for the report
+    task = "melody"  # train_small_target --task
+    report_name = "QUALITY.md"
+    clip_words = "melody clips"
+
+    def target_dir(self) -> Path:
+        return self.target or self.root / "target"
+
+    def plan_variants(self, target: Path) -> list[Variant]:
+        """The variants to train, once the target exists (a task may size them from its tokenizer)."""
+        return self.variants
+
+    def write_draft_data(self, data: Path) -> None:
+        """data/train/*.tar: the draft's conversations, whose answers regenerate rewrites."""
+        # Transcription turns only (no "How many notes?"): the answers eval-draft generates.
+        tones = ToneConfig(thirds=self.thirds, min_notes=12, max_notes=16, count_fraction=0.0)
+        write_tone_shards(data / "train", self.draft_clips, seed=1, per_shard=100, cfg=tones)
+
+    def data_words(self) -> str:
+        return (f"{self.draft_clips} melodies of 12-16 notes, each note after the first climbing a third with "
+                f"chance {self.thirds:.2f}, else random")  # fmt: skip
+
+    def notes(self, target: Path) -> str:
+        """Task-specific paragraphs for the report (after the header)."""
+        return ""
+
+    def target_scores(self, target: Path) -> dict | None:
+        """The target's held-out figures from train_small_target's record (None for a target without one)."""
+        path = target / "small_target.json"
+        if not path.exists():
+            return None
+        return {k: v for k, v in json.loads(path.read_text())["eval"].items() if k != "answers"}
 
     def train_flags(self) -> list[str]:
         # No DataLoader workers: on a cache this small their start-up each epoch costs more than decoding.
-        flags = {"max-steps": self.draft_steps, "max-tokens": self.max_tokens, "lr": 3e-3, "eval-every": 80,
-                 "checkpoint-every": 1000, "eval-percent": self.eval_percent,
+        flags = {"max-steps": self.draft_steps, "max-tokens": self.max_tokens, "lr": 3e-3,
+                 "eval-every": min(80, self.draft_steps), "checkpoint-every": 1000, "eval-percent": self.eval_percent,
                  "num-workers": 0}  # fmt: skip
         return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
 
@@ -127,22 +169,24 @@ def stage(*args: str) -> None:
 
 def run(plan: QualityPlan) -> list[dict]:
     root, started = plan.root, time.time()
-    target, data, cache, runs = root / "target", root / "data", root / "cache", root / "runs"
+    target, data, cache, runs = plan.target_dir(), root / "data", root / "cache", root / "runs"
     if not (target / "config.json").exists():
-        stage("stages.bench.train_small_target", str(target), *plan.target_flags)
+        if plan.target is not None:
+            sys.exit(f"--target {target}: no trained target there (no config.json)")
+        stage("stages.bench.train_small_target", str(target), "--task", plan.task, *plan.target_flags)
+    check_task(target, plan.task)
+    variants = plan.plan_variants(target)
     if not (data / "train").exists():
-        # Transcription turns only (no "How many notes?"): the answers eval-draft generates.
-        tones = ToneConfig(thirds=plan.thirds, min_notes=12, max_notes=16, count_fraction=0.0)
-        write_tone_shards(data / "train", plan.draft_clips, seed=1, per_shard=100, cfg=tones)
+        plan.write_draft_data(data)
     stage("stages.regenerate", f"{data}/train/*.tar", str(data / "train-regen"), "--model", str(target),
           "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "16")  # fmt: skip
-    for states in sorted({v.states for v in plan.variants} | {"exact"}):
+    for states in sorted({v.states for v in variants} | {"exact"}):
         if dumped(cache_dir(cache, states)):  # finished (maybe with an earlier version's codec defaults): keep it
             continue
         stage("stages.dump_hidden", f"{data}/train-regen/*.tar", str(cache_dir(cache, states)), "--model",
               str(target), "--layers", "1,2,3,4,5,6,7", "--state-encoding", states)  # fmt: skip
-    results = []
-    for variant in plan.variants:
+    results, clips = [], {}
+    for variant in variants:
         run_dir, eval_dir = runs / variant.run_name, runs / variant.run_name / variant.eval_dir
         if not (run_dir / "eval.json").exists():  # never trained, or an attempt that died: train from scratch
             stage("stages.train_draft", str(cache_dir(cache, variant.states)), "--runs-dir", str(runs), "--name",
@@ -153,14 +197,83 @@ def run(plan: QualityPlan) -> list[dict]:
                   "--split", "eval", "--k", str(plan.k), "--max-new-tokens", str(plan.max_new_tokens),
                   "--out", str(eval_dir), "--serve", variant.serve)  # fmt: skip
         measured = json.loads((eval_dir / "eval.json").read_text())
+        clips[variant.name] = clip_tokens(measured)
         offline = json.loads((run_dir / "eval.json").read_text())[-1]  # the held-out figures, per engine
         s = variant.serve
         results.append({"variant": variant.name, "serve": s, "tau": measured["tau"],
                         "offline_tau": offline[f"tau_replay_{s}"], "product_tau": offline[f"expected_accept_len_{s}"],
                         "acc_0": offline[f"acc_0_{s}"], "lossless": measured["lossless"],
-                        "speedup": measured["tokens_per_s"]["speedup"], "clips": measured["samples"]})  # fmt: skip
+                        "speedup": measured["tokens_per_s"]["speedup"], "clips": measured["samples"],
+                        "cut": cut_clips(measured, plan.max_new_tokens)})  # fmt: skip
+    add_intervals(results, clips, plan.baseline, plan.resamples)
     report(plan, results, time.time() - started)
     return results
+
+
+def check_task(target: Path, task: str) -> None:
+    """Refuse a target trained for another task (its small_target.json says which)."""
+    record = target / "small_target.json"
+    trained = json.loads(record.read_text()).get("task", "melody") if record.exists() else None
+    if trained is not None and trained != task:
+        sys.exit(f"{target} was trained on the {trained} task, not {task}: pass --task {trained} or another target")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap intervals over the held-out clips
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_tokens(measured: dict) -> dict[str, tuple[int, int]]:
+    """Per held-out clip of an eval.json: (tokens emitted by verify passes, verify passes). eval-draft's tau is the
+    sum of the first over the sum of the second (every verify pass weighs the same)."""
+    return {s["key"]: (sum(s["accepted_lengths"]), len(s["accepted_lengths"])) for s in measured["per_sample"]}
+
+
+def resampled_taus(samples: list[dict[str, tuple[int, int]]], keys: list[str], resamples: int, seed: int):
+    """tau of each clip set in ``samples`` on the same ``resamples`` bootstrap draws of ``keys`` (paired: every set is
+    resampled with the same clips) -> [len(samples), resamples]."""
+    draws = np.random.default_rng(seed).integers(len(keys), size=(resamples, len(keys)))
+    out = []
+    for per_clip in samples:
+        tokens, passes = (np.array([per_clip[k][i] for k in keys], dtype=np.float64) for i in (0, 1))
+        out.append(tokens[draws].sum(axis=1) / np.maximum(passes[draws].sum(axis=1), 1))
+    return np.stack(out)
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
+    """The percentile interval holding ``level`` of the bootstrap values."""
+    return [float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))]
+
+
+def add_intervals(results: list[dict], clips: dict[str, dict], baseline: str, resamples: int, seed: int = 0) -> None:
+    """Give each result its tau's 95% bootstrap interval over its held-out clips (``tau_ci``) and, where it was
+    measured on the same clips as the baseline row (the first row when ``baseline`` is absent), the paired difference
+    ``diff_vs_base`` = tau - baseline's tau with its interval (``diff_ci``): the clips are resampled together, so the
+    clip-to-clip spread both share cancels. An interval excluding 0 is a difference these clips resolve."""
+    base = baseline if baseline in clips else results[0]["variant"]
+    for r in results:
+        mine, theirs = clips[r["variant"]], clips[base]
+        keys = sorted(mine)
+        own = resampled_taus([mine], keys, resamples, seed)[0]
+        r["tau_ci"] = interval(own)
+        r["baseline"] = base
+        if r["variant"] == base or set(mine) != set(theirs):
+            r["diff_vs_base"] = r["diff_ci"] = None
+            continue
+        pair = resampled_taus([mine, theirs], keys, resamples, seed)
+        r["diff_vs_base"] = r["tau"] - clip_tau(theirs)
+        r["diff_ci"] = interval(pair[0] - pair[1])
+
+
+def cut_clips(measured: dict, max_new_tokens: int) -> int:
+    """Held-out clips whose answer reached max_new_tokens (regenerate cut them there too, and the cache holds them
+    with the <|im_end|> the chat template closes a turn with, one token the measurement never decodes: the offline
+    replay then counts it, so it differs from the measured tau a little)."""
+    return sum(s["new_tokens"] >= max_new_tokens for s in measured["per_sample"])
+
+
+def clip_tau(per_clip: dict[str, tuple[int, int]]) -> float:
+    return sum(t for t, _ in per_clip.values()) / max(sum(p for _, p in per_clip.values()), 1)
 
 
 def dumped(cache: Path) -> bool:
@@ -180,7 +293,11 @@ def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
              for r in results]  # fmt: skip
     left.barh(names, [r["tau"] for r in results], color="tab:blue")
     left.axvline(4.0, color="k", ls=":", lw=0.8)
-    left.set(xlabel=f"measured acceptance length tau (K={plan.k})", title="held-out melody clips, lossless")
+    low = [r["tau"] - r["tau_ci"][0] for r in results]
+    high = [r["tau_ci"][1] - r["tau"] for r in results]
+    left.errorbar([r["tau"] for r in results], names, xerr=[low, high], fmt="none", ecolor="k", capsize=2, lw=0.8)
+    left.set(xlabel=f"measured acceptance length tau (K={plan.k}), 95% CI",
+             title=f"held-out {plan.clip_words}, lossless")  # fmt: skip
     for key, marker, label in (("offline_tau", "o", "greedy decoding replayed"), ("product_tau", "x", "1 + sum prod")):
         right.scatter([r[key] for r in results], [r["tau"] for r in results], marker=marker, label=label)
     for r, n in zip(results, names, strict=True):
@@ -195,24 +312,55 @@ def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
     fig.savefig(out / "quality.png", dpi=100)
     plt.close(fig)
     rows = "\n".join(
-        f"| {r['variant']} | {r['serve']} | {r['tau']:.2f} | {r['offline_tau']:.2f} | {r['product_tau']:.2f} | "
-        f"{r['acc_0']:.3f} | {r['speedup']:.2f}x | {'yes' if r['lossless'] else 'NO'} |"
+        f"| {r['variant']} | {r['serve']} | {r['tau']:.2f} [{r['tau_ci'][0]:.2f}, {r['tau_ci'][1]:.2f}] | "
+        f"{_difference(r)} | {r['offline_tau']:.2f} | {r['product_tau']:.2f} | {r['acc_0']:.3f} | "
+        f"{r['speedup']:.2f}x | {'yes' if r['lossless'] else 'NO'} |"
         for r in results
     )
     stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in STAGE_SECONDS.items())
-    (out / "QUALITY.md").write_text(
-        f"# Quality benchmark\n\nCommand: `just quality` ({seconds / 60:.1f} min; minutes per stage: {stages}; a "
+    cut = max(r["cut"] for r in results)
+    cut_words = (f"{cut} of the held-out clips' answers reached {plan.max_new_tokens} tokens (a target that loops): "
+                 "their cached answers end with an <|im_end|> the target never decoded, so the offline replay differs "
+                 "a little from the measured tau.\n\n") if cut else ""  # fmt: skip
+    (out / plan.report_name).write_text(
+        f"# Quality benchmark{'' if plan.task == 'melody' else f': {plan.task}'}\n\nCommand: `{plan.command}` "
+        f"({seconds / 60:.1f} min; minutes per stage: {stages}; a "
         f"stage whose outputs existed was skipped). K={plan.k}; every draft measured on its run's held-out clips "
         f"({plan.eval_percent:g}% of the keys, {results[0]['clips']} clips, never trained on), at most "
         f"{plan.max_new_tokens} new tokens, every output checked equal to plain greedy.\n"
-        f"Draft data: {_data_words(plan)}; answers regenerated by the target. {plan.draft_steps} draft steps.\n\n"
+        f"Draft data: {plan.data_words()}; answers regenerated by the target. {plan.draft_steps} draft steps.\n\n"
+        f"{plan.notes(plan.target_dir())}{cut_words}"
         f"{serving_table(results)}"
-        "| variant | served by | measured tau | offline: decoding replayed | offline: 1 + sum prod cond_acc | "
-        "held-out acc_0 | speed vs plain greedy | lossless |\n|---|---|---|---|---|---|---|---|\n"
+        f"{_interval_words(plan, results)}"
+        "| variant | served by | measured tau [95% CI] | vs base [95% CI] | offline: decoding replayed | "
+        "offline: 1 + sum prod cond_acc | held-out acc_0 | speed vs plain greedy | lossless |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
         f"{rows}\n\n![quality](quality.png)\n"
     )
-    (out / "quality.json").write_text(json.dumps({"minutes": seconds / 60, "results": results}, indent=1))
-    print((out / "QUALITY.md").read_text())
+    target = plan.target_dir()
+    summary = {"minutes": seconds / 60, "task": plan.task, "target": str(target),
+               "target_scores": plan.target_scores(target), "results": results}  # fmt: skip
+    (out / "quality.json").write_text(json.dumps(summary, indent=1))
+    print((out / plan.report_name).read_text())
+
+
+def _difference(r: dict) -> str:
+    if r["variant"] == r["baseline"]:
+        return "(base)"
+    if r["diff_vs_base"] is None:
+        return "- (other clips)"
+    lo, hi = r["diff_ci"]
+    verdict = "" if lo <= 0 <= hi else " *"
+    return f"{r['diff_vs_base']:+.2f} [{lo:+.2f}, {hi:+.2f}]{verdict}"
+
+
+def _interval_words(plan: QualityPlan, results: list[dict]) -> str:
+    return (
+        f"Intervals: 95% percentile bootstrap over the held-out clips ({plan.resamples} resamples, seed 0; tau of a "
+        'resample = tokens emitted by its verify passes / its verify passes, as eval-draft counts). "vs base": '
+        f"tau minus the base row's ({results[0]['baseline']}) on the same clips, resampled in pairs; * marks an "
+        "interval that excludes 0, a difference these clips resolve.\n\n"
+    )
 
 
 def serving_table(results: list[dict]) -> str:
@@ -236,20 +384,27 @@ def serving_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n\n## Every variant\n\n"
 
 
-def _data_words(plan: QualityPlan) -> str:
-    return (f"{plan.draft_clips} melodies of 12-16 notes, each note after the first climbing a third with chance "
-            f"{plan.thirds:.2f}, else random")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> None:
+    from stages.bench.quality_speech import SpeechQualityPlan  # it builds on this module
+
+    plans: dict[str, type[QualityPlan]] = {"melody": QualityPlan, "speech": SpeechQualityPlan}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=QualityPlan.root)
-    p.add_argument("--draft-steps", type=int, default=QualityPlan.draft_steps)
-    p.add_argument("--thirds", type=float, default=QualityPlan.thirds, help="0: random notes")
+    p.add_argument("--task", choices=plans, default="melody", help="melody (default) or speech")
+    p.add_argument("--root", type=Path, help="output directory (default: runs/quality, speech: runs/quality-speech)")
+    p.add_argument("--target", type=Path, help="a trained target directory to use as it is (default: ROOT/target, "
+                   "trained first when absent)")  # fmt: skip
+    p.add_argument("--draft-steps", type=int, help="draft training steps (default: the task's)")
+    p.add_argument("--thirds", type=float, default=QualityPlan.thirds, help="melody only; 0: random notes")
     p.add_argument("--small", action="store_true", help="the CI-sized run (briefly trained target, one draft)")
     a = p.parse_args(argv)
-    plan = QualityPlan.small(a.root) if a.small else QualityPlan(root=a.root, draft_steps=a.draft_steps)
-    run(dataclasses.replace(plan, thirds=a.thirds))
+    kind = plans[a.task]
+    root = a.root or kind.root
+    plan = kind.small(root) if a.small else kind(root=root)
+    command = " ".join(["just quality", *(argv if argv is not None else sys.argv[1:])])
+    changes = {"target": a.target, "thirds": a.thirds, "command": command}
+    if a.draft_steps is not None:
+        changes["draft_steps"] = a.draft_steps
+    run(dataclasses.replace(plan, **changes))
 
 
 if __name__ == "__main__":
