@@ -36,7 +36,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.testing.tone_data import ToneConfig, write_tone_shards  # noqa: E402
+from pipeline.testing.tone_data import DRAFT_TONES, write_tone_shards  # noqa: E402
 
 BASE = ["--ttt-steps", "7", "--draft-vocab-size", "256", "--layers", "2,4,5"]
 
@@ -87,7 +87,7 @@ class QualityPlan:
     target_flags: list[str] = field(default_factory=list)  # for train_small_target (defaults: the full one)
     target: Path | None = None  # a trained target directory to use as it is (default: ROOT/target, trained if absent)
     # The draft's data: each next note climbs a third with this chance, else is random (0: random notes only).
-    thirds: float = 0.85
+    thirds: float = DRAFT_TONES.thirds
     draft_clips: int = 480
     eval_percent: float = 8.0  # held-out clips (by key hash): never trained on; the measured tau is theirs
     draft_steps: int = 240
@@ -122,7 +122,7 @@ class QualityPlan:
     def write_draft_data(self, data: Path) -> None:
         """data/train/*.tar: the draft's conversations, whose answers regenerate rewrites."""
         # Transcription turns only (no "How many notes?"): the answers eval-draft generates.
-        tones = ToneConfig(thirds=self.thirds, min_notes=12, max_notes=16, count_fraction=0.0)
+        tones = dataclasses.replace(DRAFT_TONES, thirds=self.thirds)
         write_tone_shards(data / "train", self.draft_clips, seed=1, per_shard=100, cfg=tones)
 
     def data_words(self) -> str:
