@@ -18,9 +18,12 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from pipeline.errors import ConfigError, StrictModeError
 from pipeline.inputs.audio import AudioPolicy, decode_audio
+from pipeline.inputs.conversation import parse_conversations
+from pipeline.inputs.prompt import build_prompt
 from pipeline.inputs.shards import iter_raw_samples
 from pipeline.regenerate import RegenerateConfig, rejects_name, run_regenerate
 from pipeline.targets import load_target
+from pipeline.targets.qwen2_audio import AUDIO_TOKEN
 from tests.conftest import REPO, SAMPLE_SHARDS, run_stage, write_tar
 
 MAX_NEW_TOKENS = 8
@@ -190,3 +193,29 @@ def test_sampling_depends_on_seed_and_key_not_on_batching(tmp_path, target, mixe
     assert batched != other_seed
     answers = [json.loads(doc)["conversations"][-1]["content"] for doc in batched.values()]
     assert json.loads(next(iter(batched.values())))["regeneration"]["seed"] == 0 and len(set(answers)) > 1
+
+
+def test_an_answer_cut_at_the_token_limit_is_learned_without_the_end_of_turn_the_target_never_gave(tiny_dir):
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    tokenizer, template = processor.tokenizer, processor.chat_template
+    doc = {
+        "conversations": [
+            {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Transcribe the audio."}]},
+            {"role": "assistant", "content": "the cat sat on"},
+            {"role": "user", "content": "And again?"},
+            {"role": "assistant", "content": "the cat sat on the mat"},
+        ]
+    }
+    whole = parse_conversations(json.dumps(doc).encode())
+    doc["regeneration"] = {"max_new_tokens": 4, "cut_at_max_new_tokens": [1]}  # what regenerate writes
+    cut = parse_conversations(json.dumps(doc).encode())
+    assert [m.get("unfinished", False) for m in cut] == [False, True, False, False]
+    a = build_prompt(tokenizer, template, whole, AUDIO_TOKEN, 5, 512)
+    b = build_prompt(tokenizer, template, cut, AUDIO_TOKEN, 5, 512)
+    assert torch.equal(a.input_ids, b.input_ids)  # the same tokens: only what is learned from them differs
+    (dropped,) = (a.loss_mask & ~b.loss_mask).nonzero().flatten().tolist()
+    assert not (b.loss_mask & ~a.loss_mask).any()
+    assert a.input_ids[dropped] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert b.loss_mask[dropped - 1]  # the cut answer's last token is still learned
+    # the finished answer keeps its end-of-turn
+    assert a.input_ids[a.loss_mask].tolist()[-1] == b.input_ids[b.loss_mask].tolist()[-1]

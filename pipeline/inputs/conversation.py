@@ -33,10 +33,21 @@ def parse_conversations(raw: bytes | None) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise BadSample("json has no non-empty 'conversations' list")
     messages = [_normalise_message(i, turn) for i, turn in enumerate(turns)]
+    for i in _unfinished_turns(doc):
+        if 0 <= i < len(messages) and messages[i]["role"] == "assistant":
+            messages[i]["unfinished"] = True
     _check_order(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadSample("conversation has no assistant turn (nothing to learn from)")
     return _place_audio(messages)
+
+
+def _unfinished_turns(doc: dict) -> list[int]:
+    """Assistant turns that regenerate cut at --max-new-tokens: the target never ended them, so their end-of-turn
+    token is not the target's and is left out of the loss mask (``prompt.build_prompt``)."""
+    regeneration = doc.get("regeneration")
+    cut = regeneration.get("cut_at_max_new_tokens") if isinstance(regeneration, dict) else None
+    return [i for i in cut if isinstance(i, int)] if isinstance(cut, list) else []
 
 
 def _normalise_message(index: int, turn: Any) -> Message:

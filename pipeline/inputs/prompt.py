@@ -1,6 +1,7 @@
 """Token ids and the loss mask of a conversation, rendered with the target's own chat template.
 
-The loss mask covers the assistant turns' tokens (their end-of-turn token included) and nothing else. It is
+The loss mask covers the assistant turns' tokens (their end-of-turn token included, except for an answer that
+regenerate cut at its token limit: the target never ended it) and nothing else. It is
 found without any template cooperation (no ``{% generation %}`` block, which a stock chat template
 lacks): an assistant turn's text is what rendering the conversation up to that turn adds after rendering the
 turns before it with the generation prompt. Character spans then map to tokens through the offsets of a fast
@@ -119,6 +120,9 @@ def _assistant_spans(tokenizer, chat_template: str, messages: list[Message], tex
         if not (through.startswith(before) and text.startswith(through)):
             raise BadSample(f"chat template does not render turn {i} as a prefix of the conversation")
         end = len(through.rstrip())  # the end-of-turn token belongs to the turn; the newline after it does not
+        answer = "".join(item["text"] for item in message["content"] if item["type"] == "text")
+        if message.get("unfinished") and through.startswith(before + answer):
+            end = len(before) + len(answer)  # cut by the generation limit: the end-of-turn is not the target's
         spans.append((len(before), end))
     return spans
 
