@@ -139,10 +139,7 @@ class HiddenStateCache:
     def inputs_embeds(self, ids: np.ndarray, audio: torch.Tensor) -> torch.Tensor:
         """What the draft reads: the target's token embeddings, audio positions (in order) filled with ``audio``."""
         embeds = torch.empty((len(ids), self.manifest.hidden_size), dtype=self.embed_tokens.dtype)
-        out, table, at_audio = as_stored(embeds), as_stored(self.embed_tokens), ids == self.audio_token_id
-        text = np.flatnonzero(~at_audio)
-        out[text] = table[ids[text]]
-        out[np.flatnonzero(at_audio)] = as_stored(audio.to(embeds.dtype))
+        put_rows(embeds, embed_ids(embeds, self.embed_tokens, ids, self.audio_token_id), audio)
         return embeds
 
     @cached_property
@@ -155,6 +152,18 @@ class HiddenStateCache:
         from safetensors.torch import load_file
 
         return load_file(self.root / HEAD_WEIGHTS)
+
+
+def embed_ids(out: torch.Tensor, table: torch.Tensor, ids: np.ndarray, audio_token_id: int) -> np.ndarray:
+    """``out[i] = table[ids[i]]`` (through numpy, see ``as_stored``); returns the audio positions, which callers fill
+    with the cached audio embeddings (``put_rows``) or leave holding the placeholder's embedding."""
+    as_stored(out)[...] = as_stored(table)[ids]
+    return np.flatnonzero(ids == audio_token_id)
+
+
+def put_rows(out: torch.Tensor, positions: np.ndarray, rows: torch.Tensor) -> None:
+    """``out[positions] = rows``, cast to ``out``'s dtype."""
+    as_stored(out)[positions] = as_stored(rows.to(out.dtype))
 
 
 def open_cache(path: str | Path) -> HiddenStateCache:

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cache.format import STORED_DTYPES, as_stored, hidden_name
-from pipeline.cache.reader import HiddenStateCache, open_cache
+from pipeline.cache.format import STORED_DTYPES, hidden_name
+from pipeline.cache.reader import HiddenStateCache, embed_ids, open_cache, put_rows
 from pipeline.cache.rows import RowReader
 from pipeline.draft.serving import check_audio_embeds, reads_merged
 from pipeline.inputs.split import Split, in_split
@@ -345,7 +345,6 @@ class BatchBuilder:
         b, t, h = len(lengths), max(lengths), cache.info["hidden_size"]
         self.lengths, self.hidden, self.audio_token_id = lengths, h, cache.audio_token_id
         self.table = cache.embed_tokens  # memory-mapped, shared by every worker
-        self.table_rows = as_stored(self.table)
         self.dtype = STORED_DTYPES[cache.dtype][1]
         self.t = {
             "input_ids": _empty((b, t), torch.int64, shared),
@@ -375,15 +374,13 @@ class BatchBuilder:
         """Token embeddings of sample ``b`` (its ids must be in): audio positions are overwritten by put_audio."""
         n = self.lengths[b]
         ids = self.t["input_ids"][b, :n].numpy()
-        as_stored(self.t["inputs_embeds"][b, :n])[...] = self.table_rows[ids]  # numpy: see as_stored
-        self.audio_at[b] = np.flatnonzero(ids == self.audio_token_id)
+        self.audio_at[b] = embed_ids(self.t["inputs_embeds"][b, :n], self.table, ids, self.audio_token_id)
 
     def put_audio(self, b: int, at: int, rows: np.ndarray) -> None:
         """Cached merged audio embeddings ``at:at+len(rows)`` of sample ``b``, at its audio positions in order."""
         positions = self.audio_at[b][at : at + len(rows)]  # a cut sample keeps its first audio rows only
         if len(positions):
-            src = _as_tensor(rows[: len(positions)]).view(self.dtype).to(self.table.dtype)
-            as_stored(self.t["inputs_embeds"][b])[positions] = as_stored(src)
+            put_rows(self.t["inputs_embeds"][b], positions, _as_tensor(rows[: len(positions)]).view(self.dtype))
 
     def finish(self, keys: list[str]) -> dict:
         return {**self.t, "lengths": torch.tensor(self.lengths, dtype=torch.int64), "keys": keys}
