@@ -135,10 +135,8 @@ class QualityPlan:
 
     def target_scores(self, target: Path) -> dict | None:
         """The target's held-out figures from train_small_target's record (None for a target without one)."""
-        path = target / "small_target.json"
-        if not path.exists():
-            return None
-        return {k: v for k, v in json.loads(path.read_text())["eval"].items() if k != "answers"}
+        record = target_record(target)
+        return None if record is None else {k: v for k, v in record["eval"].items() if k != "answers"}
 
     def train_flags(self) -> list[str]:
         # No DataLoader workers: on a cache this small their start-up each epoch costs more than decoding.
@@ -210,10 +208,16 @@ def run(plan: QualityPlan) -> list[dict]:
     return results
 
 
+def target_record(target: Path) -> dict | None:
+    """train_small_target's small_target.json of the target (None for a target without one)."""
+    path = target / "small_target.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def check_task(target: Path, task: str) -> None:
     """Refuse a target trained for another task (its small_target.json says which)."""
-    record = target / "small_target.json"
-    trained = json.loads(record.read_text()).get("task", "melody") if record.exists() else None
+    record = target_record(target)
+    trained = None if record is None else record.get("task", "melody")
     if trained is not None and trained != task:
         sys.exit(f"{target} was trained on the {trained} task, not {task}: pass --task {trained} or another target")
 
@@ -266,9 +270,8 @@ def add_intervals(results: list[dict], clips: dict[str, dict], baseline: str, re
 
 
 def cut_clips(measured: dict, max_new_tokens: int) -> int:
-    """Held-out clips whose answer reached max_new_tokens (regenerate cut them there too, and the cache holds them
-    with the <|im_end|> the chat template closes a turn with, one token the measurement never decodes: the offline
-    replay then counts it, so it differs from the measured tau a little)."""
+    """Held-out clips whose answer reached max_new_tokens (a target that loops; regenerate cut them there too, and
+    their end-of-turn token is left out of what the draft learns and is replayed on)."""
     return sum(s["new_tokens"] >= max_new_tokens for s in measured["per_sample"])
 
 
@@ -320,8 +323,7 @@ def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
     stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in STAGE_SECONDS.items())
     cut = max(r["cut"] for r in results)
     cut_words = (f"{cut} of the held-out clips' answers reached {plan.max_new_tokens} tokens (a target that loops): "
-                 "their cached answers end with an <|im_end|> the target never decoded, so the offline replay differs "
-                 "a little from the measured tau.\n\n") if cut else ""  # fmt: skip
+                 "regenerate cut them, and their end-of-turn token is not learned.\n\n") if cut else ""  # fmt: skip
     (out / plan.report_name).write_text(
         f"# Quality benchmark{'' if plan.task == 'melody' else f': {plan.task}'}\n\nCommand: `{plan.command}` "
         f"({seconds / 60:.1f} min; minutes per stage: {stages}; a "

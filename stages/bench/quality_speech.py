@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.testing.speech_target import PUBLISHED_ANCHORS
-from stages.bench.quality import QualityPlan, Variant, stage
+from stages.bench.quality import QualityPlan, Variant, stage, target_record
 
 
 def tokenizer_size(target: Path) -> int:
@@ -46,12 +46,6 @@ def architecture(target: Path) -> str:
     return json.loads((target / "config.json").read_text()).get("architectures", ["model"])[0]
 
 
-def target_record(target: Path) -> dict | None:
-    """train_small_target's small_target.json of the target (None for a target without one)."""
-    path = target / "small_target.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 @dataclass
 class SpeechQualityPlan(QualityPlan):
     root: Path = Path("runs/quality-speech")
@@ -70,9 +64,8 @@ class SpeechQualityPlan(QualityPlan):
     @classmethod
     def small(cls, root: Path) -> SpeechQualityPlan:
         """The CI-sized run (a few CPU minutes): a target that memorised 4 sentences in half a minute (it answers
-        each clip with one of them, chosen by what it hears, and always ends its answer: a target that loops until
-        max_new_tokens would make the offline replay differ from the measurement, see ``cut`` in quality.json), one
-        draft, a few held-out clips."""
+        each clip with one of them, chosen by what it hears, and always ends its answer, where briefly trained
+        targets that loop ran into max_new_tokens: ``cut`` in quality.json), one draft, a few held-out clips."""
         target = ["--steps", "60", "--batch-size", "4", "--train-clips", "4", "--eval-clips", "4",
                   "--warmup-steps", "5", "--curriculum-steps", "0", "--monitor-every", "0", "--checkpoint-every", "0",
                   "--max-new-tokens", "32"]  # fmt: skip
