@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--thirds", type=float, default=DRAFT_TONES.thirds, help="0: random notes")
     a = p.parse_args(argv)
+    if a.count < 1 or a.per_shard < 1 or not 0 <= a.thirds <= 1:
+        p.error("--count and --per-shard must be at least 1, --thirds within [0, 1]")
     shards = write_tone_shards(a.out, a.count, a.seed, a.per_shard, dataclasses.replace(DRAFT_TONES, thirds=a.thirds))
     print(f"{a.count} melody clips in {len(shards)} shards under {a.out}")
 
