@@ -180,8 +180,13 @@ class _Stop(Exception):
     pass
 
 
-def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
-    whole = train_small_target(tmp_path / "whole", RESUMABLE, progress=False)
+# Stopped at step 2, inside the encoder's CTC phase: the resumed run crosses into the decoder's phase.
+TWO_PHASES = dataclasses.replace(RESUMABLE, steps=2, ctc_weight=0.0, encoder_pretrain_steps=3)
+
+
+@pytest.mark.parametrize("cfg", [RESUMABLE, TWO_PHASES], ids=["joint", "two-phase"])
+def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch, cfg):
+    whole = train_small_target(tmp_path / "whole", cfg, progress=False)
 
     real_save = small_target._save_checkpoint
 
@@ -192,12 +197,12 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
     monkeypatch.setattr(small_target, "_save_checkpoint", save_then_stop)
     out = tmp_path / "resumed"
     with pytest.raises(_Stop):
-        train_small_target(out, RESUMABLE, progress=False)
+        train_small_target(out, cfg, progress=False)
     assert not out.exists() and (partial_dir(out) / CHECKPOINT).is_file()
     monkeypatch.setattr(small_target, "_save_checkpoint", real_save)
     with pytest.raises(ConfigError, match="lr differ"):  # a checkpoint never continues under other settings
-        train_small_target(out, dataclasses.replace(RESUMABLE, lr=1e-3), progress=False)
-    train_small_target(out, RESUMABLE, progress=False)
+        train_small_target(out, dataclasses.replace(cfg, lr=1e-3), progress=False)
+    train_small_target(out, cfg, progress=False)
 
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     record, reference = json.loads((out / RECORD).read_text()), json.loads((whole / RECORD).read_text())
@@ -205,6 +210,23 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
     for key in ("final_loss", "held_out_teacher_forced_accuracy", "eval"):
         assert record[key] == reference[key], key
     assert not partial_dir(out).exists()
+
+
+def test_the_decoder_phase_leaves_the_pretrained_encoder_as_it_was(tmp_path):
+    """After its CTC phase the encoder is frozen: runs that differ only in decoder steps end with the same encoder
+    and projector, bit for bit, and different decoders."""
+    one, three = (
+        Qwen2AudioForConditionalGeneration.from_pretrained(
+            train_small_target(tmp_path / f"decoder-{n}", dataclasses.replace(TWO_PHASES, steps=n), progress=False)
+        )
+        for n in (1, 3)
+    )
+    a, b = one.state_dict(), three.state_dict()
+    encoder = [k for k in a if ".audio_tower." in k or ".multi_modal_projector." in k]
+    assert encoder and all(torch.equal(a[k], b[k]) for k in encoder)
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+    with pytest.raises(ValueError, match="set one of them to 0"):
+        dataclasses.replace(TWO_PHASES, ctc_weight=0.5)
 
 
 def test_a_second_training_into_the_same_directory_is_refused(tmp_path):
