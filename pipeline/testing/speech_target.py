@@ -75,14 +75,17 @@ class SpeechTargetConfig(TrainerConfig):
     train_clips: int = setting(6000, "training clips (the first of the seed's train split; ~6800 are at most 8 s)")
     eval_clips: int = setting(200, "held-out clips for the greedy evaluation (the split has ~800)")
     curriculum_steps: int = setting(300, "step s draws sentences of at most 1 + (max - 1) * s / curriculum_steps words")
-    steps: int = setting(1000, "optimizer steps")
+    encoder_pretrain_steps: int = setting(
+        1200, "steps of CTC on the audio encoder alone before `steps` steps of the decoder on it, frozen (0: joint)"
+    )
+    steps: int = setting(800, "decoder steps (after the encoder's)")
     warmup_steps: int = setting(60, "linear warm-up steps")
     bf16: bool = setting(True, "train under bfloat16 autocast (weights, optimizer and evaluation stay float32)")
     attention: Literal["sdpa", "eager"] = setting("eager", "attention kernel while training")
     bucket_batches: int = setting(
         8, "after the curriculum, batch clips of similar length from pools of this many batches (0: off)"
     )
-    ctc_weight: float = setting(1.0, "weight of an auxiliary CTC loss on the audio embeddings (0: off)")
+    ctc_weight: float = setting(0.0, "weight of CTC on the audio embeddings in joint training (no pre-training)")
     max_new_tokens: int = setting(64, "longest generated answer in the evaluation")
     monitor_every: int = setting(100, "steps between teacher-forced accuracy checks on held-out clips (0: off)")
     speech: SpeechConfig = setting(TARGET_SPEECH, flag=None)
