@@ -41,6 +41,12 @@ def base_flags(vocab: int) -> list[str]:
     return ["--ttt-steps", "7", "--draft-vocab-size", str(vocab // 2), "--layers", "2,4,5"]
 
 
+def _steps(cfg: dict) -> str:
+    """How long the target trained: its encoder's CTC steps first, if any, then the decoder's (or joint) steps."""
+    pretrain = cfg.get("encoder_pretrain_steps", 0)
+    return f"{pretrain} encoder CTC steps, then {cfg['steps']} decoder steps" if pretrain else f"{cfg['steps']} steps"
+
+
 def architecture(target: Path) -> str:
     """The model class the target's config names (the benchmark knows no family by name)."""
     return json.loads((target / "config.json").read_text()).get("architectures", ["model"])[0]
@@ -121,7 +127,7 @@ class SpeechQualityPlan(QualityPlan):
                       f"(normalised text; raw CER {e['cer_raw']:.1%}, exact {e['exact_match']:.1%}; "
                       "small_target.json)")  # fmt: skip
             size = (f"a {record['parameters'] / 1e6:.1f}M-parameter {architecture(target)} ({cfg['num_hidden_layers']} "
-                    f"layers of width {cfg['hidden_size']}) trained {cfg['steps']} steps on {cfg['train_clips']} "
+                    f"layers of width {cfg['hidden_size']}) trained {_steps(cfg)} on {cfg['train_clips']} "
                     f"clips of the train split's sentences, spoken with seed {cfg['seed']}")  # fmt: skip
         anchors = "; ".join(PUBLISHED_ANCHORS)
         return (
