@@ -94,7 +94,7 @@ quality *flags:
 test *flags:
     {{py}} -m pytest -q -n auto --dist worksteal "$@"
 
-# The edit loop's tier (82-96 s on 2 idle cores): no trainings, long dumps or multi-rank runs; a worker per core.
+# The edit loop's tier (78-96 s on 2 idle cores): no trainings, long dumps or multi-rank runs; a worker per core.
 test-fast *flags:
     {{py}} -m pytest -q -n auto --dist worksteal -m "not slow and not distributed" "$@"
 
