@@ -699,7 +699,7 @@ def _train(
         state.step = step + 1
         if state.step % TRIM_EVERY == 0:
             _return_freed_memory()
-        due = state.step % cfg.monitor_every == 0 or state.step == cfg.total_steps if cfg.monitor_every else False
+        due = bool(cfg.monitor_every) and (state.step % cfg.monitor_every == 0 or state.step == cfg.total_steps)
         if monitor and due and not pretraining:
             # float32, as the saved model is used (and the feature extractor's STFT has no bf16)
             state.accuracy.append((state.step, teacher_forced_accuracy(model, processor, monitor, cfg.eval_batch_size)))
