@@ -8,7 +8,10 @@ import json
 
 import pytest
 
+from pipeline.inputs.split import in_split
+from pipeline.testing.speech_target import TARGET_SPEECH
 from stages.bench.quality import add_intervals
+from stages.bench.quality_speech import target_speech
 from tests.conftest import REPO, run_stage
 from tests.test_speech_data import needs_espeak, needs_fortunes
 
@@ -74,3 +77,19 @@ def test_small_speech_quality_run_is_lossless_and_replays_exactly(tmp_path):
     text = (root / "QUALITY-speech.md").read_text()
     assert "| base | sglang |" in text and f"[{lo:.2f}, {hi:.2f}]" in text and "WER" in text and "3.51" in text
     assert (root / "quality.png").stat().st_size > 0
+    # The draft's clips are spoken as the target heard its training (its voices, rates, pitches, longest clip), not
+    # with the corpus's wider defaults, on which the target's answers are worse.
+    from datasets import load_from_disk
+
+    speech = target_speech(root / "target")
+    assert speech == TARGET_SPEECH  # what the CI-sized target was trained on
+    heldout = load_from_disk(str(root / "data" / "hf")).remove_columns("audio")
+    train = load_from_disk(str(root / "data" / "hf-train")).remove_columns("audio")
+    for clip in [*heldout, *train]:
+        assert clip["voice"] in {v + variant for v in speech.voices for variant in speech.variants}, clip
+        assert speech.rate_wpm[0] <= clip["rate"] <= speech.rate_wpm[1] and clip["seconds"] <= speech.max_seconds
+    # Clips of the train split's sentences train the draft but are never evaluated: the held-out sentences alone are.
+    assert {c["split"] for c in heldout} == {"heldout"} and {c["split"] for c in train} == {"train"}
+    assert 8 <= len(train) < 16 and not any(in_split(c["key"], "eval", 25.0) for c in train), len(train)
+    measured = json.loads((root / "runs" / "base" / "eval-sglang" / "eval.json").read_text())
+    assert {s["key"] for s in measured["per_sample"]} == {c["key"] for c in heldout if in_split(c["key"], "eval", 25.0)}

@@ -119,8 +119,9 @@ class QualityPlan:
         """The variants to train, once the target exists (a task may size them from its tokenizer)."""
         return self.variants
 
-    def write_draft_data(self, data: Path) -> None:
-        """data/train/*.tar: the draft's conversations, whose answers regenerate rewrites."""
+    def write_draft_data(self, data: Path, target: Path) -> None:
+        """data/train/*.tar: the draft's conversations, whose answers regenerate rewrites (a task may fit them to
+        the target)."""
         # Transcription turns only (no "How many notes?"): the answers eval-draft generates.
         tones = dataclasses.replace(DRAFT_TONES, thirds=self.thirds)
         write_tone_shards(data / "train", self.draft_clips, seed=1, per_shard=100, cfg=tones)
@@ -175,7 +176,7 @@ def run(plan: QualityPlan) -> list[dict]:
     check_task(target, plan.task)
     variants = plan.plan_variants(target)
     if not (data / "train").exists():
-        plan.write_draft_data(data)
+        plan.write_draft_data(data, target)
     stage("stages.regenerate", f"{data}/train/*.tar", str(data / "train-regen"), "--model", str(target),
           "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "16")  # fmt: skip
     for states in sorted({v.states for v in variants} | {"exact"}):
@@ -397,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
                    "trained first when absent)")  # fmt: skip
     p.add_argument("--draft-steps", type=int, help="draft training steps (default: the task's)")
     p.add_argument("--thirds", type=float, default=QualityPlan.thirds, help="melody only; 0: random notes")
+    p.add_argument("--draft-train-clips", type=int, help="speech only: add clips of the train split's sentences to "
+                   "the draft's data (default: the plan's; only held-out sentences are evaluated)")  # fmt: skip
     p.add_argument("--small", action="store_true", help="the CI-sized run (briefly trained target, one draft)")
     a = p.parse_args(argv)
     kind = plans[a.task]
@@ -406,6 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     changes = {"target": a.target, "thirds": a.thirds, "command": command}
     if a.draft_steps is not None:
         changes["draft_steps"] = a.draft_steps
+    if a.draft_train_clips is not None:
+        if not hasattr(plan, "draft_train_clips"):
+            p.error(f"--draft-train-clips: the {a.task} task has no train-split clips (speech has)")
+        changes["draft_train_clips"] = a.draft_train_clips
     run(dataclasses.replace(plan, **changes))
 
 
