@@ -69,15 +69,14 @@ def architecture(target: Path) -> str:
 @dataclass
 class SpeechQualityPlan(QualityPlan):
     root: Path = Path("runs/quality-speech")
-    # The draft learns an English-like output: 400 clips and 240 steps gave tau 1.76, 800 and 600 gave 2.16 (2.10 at
-    # step 400) with the same target.
     draft_clips: int = 780  # the held-out sentences the target's speech config can say (781 of 819 fit in 8 s)
-    # Clips of the train split's sentences added to the draft's data (the target trained on these sentences, spoken
-    # with other voices here; only held-out sentences are evaluated). 3200 of them and 1200 draft steps raised the
-    # base draft from 1.33 to 2.02 (2026-12-03, base only); the default keeps the benchmark within ~45 minutes.
+    # Clips of the train split's sentences added to the draft's data (the target trained on these sentences; here
+    # they are spoken afresh with data_seed; only held-out sentences are evaluated).
     draft_train_clips: int = 0
     data_seed: int = 1  # voices, rates, pitches and sentence order of the draft's clips (the target's seed is 0)
     eval_percent: float = 10.0
+    # 400 steps under-train the draft: 1200 gave +0.52 tau, and 3200 train-split clips +0.17 more, but only at 1200
+    # steps (BENCHMARKS.md, 2026-12-03, base only); 7 drafts of 1200 steps would put the run over its hour.
     draft_steps: int = 400
     max_new_tokens: int = 96  # the longest sentences (30 words) are ~60 tokens; the target's own evaluation's limit
     variants: list[Variant] = field(default_factory=list)  # sized from the tokenizer: plan_variants
@@ -148,7 +147,7 @@ class SpeechQualityPlan(QualityPlan):
 
     def data_words(self) -> str:
         train = (f", plus {self.draft_train_clips} clips of the train split's sentences (the target's training "
-                 "sentences, other voices; those whose key falls in the evaluation share left out, so only held-out "
+                 "sentences, spoken afresh; those whose key falls in the evaluation share left out, so only held-out "
                  "sentences are evaluated)") if self.draft_train_clips else ""  # fmt: skip
         return (f"{self.draft_clips} clips of the corpus's held-out sentences (never in the target's training){train}, "
                 f"spoken by espeak-ng with seed {self.data_seed} as the target heard its training, saved as HF audio "
