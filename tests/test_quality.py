@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.inputs.split import in_split
 from pipeline.testing.speech_target import TARGET_SPEECH
-from stages.bench.quality import add_intervals
+from stages.bench.quality import QualityPlan, add_intervals, check_settings
 from stages.bench.quality_speech import target_speech
 from tests.conftest import REPO, run_stage
 from tests.test_speech_data import needs_espeak, needs_fortunes
@@ -38,6 +38,17 @@ def test_bootstrap_intervals_and_paired_differences():
     again = [{"variant": n, "tau": tau[n]} for n in clips]
     add_intervals(again, clips, "base", resamples=1000)
     assert again == results  # seeded
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    # Finished steps are skipped on a re-run, so other settings would be reported over old drafts.
+    plan = QualityPlan(root=tmp_path / "quality")
+    check_settings(plan.root, plan.settings())
+    check_settings(plan.root, plan.settings())  # the same settings: resumes
+    longer = QualityPlan(root=plan.root, draft_steps=1200)
+    with pytest.raises(SystemExit, match=r"draft_steps 240 -> 1200\): delete everything in it but target/"):
+        check_settings(longer.root, longer.settings())
+    assert json.loads((plan.root / "settings.json").read_text())["draft_steps"] == 240  # the first run's, kept
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@
        trained-on x served-by matrix, and the offline (teacher-forced) estimate against each measured tau
 
 Each step is the project's own stage run as a user runs it, so the benchmark exercises the real commands.
-Finished steps are skipped on a re-run (delete ROOT to start over).
+Finished steps are skipped on a re-run (delete ROOT to start over); a re-run whose settings (clips, steps, ...)
+differ from those ROOT/settings.json recorded is refused, since it would report the old outputs as new.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ class QualityPlan:
     report_name = "QUALITY.md"
     clip_words = "melody clips"
 
+    def settings(self) -> dict:
+        """What ROOT's data, caches and drafts depend on besides the target. Finished steps are skipped on a re-run,
+        so a re-run asking for other settings would report old outputs as new ones: check_settings refuses it."""
+        names = ("draft_clips", "draft_train_clips", "data_seed", "thirds", "eval_percent", "draft_steps",
+                 "max_tokens", "k", "max_new_tokens")  # fmt: skip
+        return {"task": self.task, **{n: getattr(self, n) for n in names if hasattr(self, n)}}
+
     def target_dir(self) -> Path:
         return self.target or self.root / "target"
 
@@ -168,6 +176,7 @@ def stage(*args: str) -> None:
 
 def run(plan: QualityPlan) -> list[dict]:
     root, started = plan.root, time.time()
+    check_settings(root, plan.settings())
     target, data, cache, runs = plan.target_dir(), root / "data", root / "cache", root / "runs"
     if not (target / "config.json").exists():
         if plan.target is not None:
@@ -207,6 +216,21 @@ def run(plan: QualityPlan) -> list[dict]:
     add_intervals(results, clips, plan.baseline, plan.resamples)
     report(plan, results, time.time() - started)
     return results
+
+
+def check_settings(root: Path, settings: dict) -> None:
+    """Record ``settings`` in ROOT/settings.json on the first run; exit with what differs (and what to delete) when
+    ROOT holds a run made with other settings."""
+    path = root / "settings.json"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+        return
+    old = json.loads(path.read_text())
+    changed = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+    if changed:
+        sys.exit(f"{root} holds a run made with other settings ({', '.join(changed)}): delete everything in it but "
+                 "target/ (the trained target is reused), or pass another --root")  # fmt: skip
 
 
 def target_record(target: Path) -> dict | None:
