@@ -43,9 +43,11 @@ def test_bootstrap_intervals_and_paired_differences():
 def test_a_rerun_with_other_settings_is_refused(tmp_path):
     # Finished steps are skipped on a re-run, so other settings would be reported over old drafts.
     plan = QualityPlan(root=tmp_path / "quality")
-    check_settings(plan.root, plan.settings())
-    check_settings(plan.root, plan.settings())  # the same settings: resumes
     longer = QualityPlan(root=plan.root, draft_steps=1200)
+    check_settings(longer.root, longer.settings())
+    check_settings(plan.root, plan.settings())  # no outputs yet (a run that failed early): the new settings replace
+    (plan.root / "data").mkdir()  # the run wrote its draft data
+    check_settings(plan.root, plan.settings())  # the same settings: resumes
     with pytest.raises(SystemExit, match=r"draft_steps 240 -> 1200\): delete everything in it but target/"):
         check_settings(longer.root, longer.settings())
     assert json.loads((plan.root / "settings.json").read_text())["draft_steps"] == 240  # the first run's, kept

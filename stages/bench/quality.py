@@ -219,18 +219,19 @@ def run(plan: QualityPlan) -> list[dict]:
 
 
 def check_settings(root: Path, settings: dict) -> None:
-    """Record ``settings`` in ROOT/settings.json on the first run; exit with what differs (and what to delete) when
-    ROOT holds a run made with other settings."""
+    """Exit with what differs (and what to delete) when ROOT holds outputs (ROOT/data onwards) made with other
+    settings than ``settings``; else record them in ROOT/settings.json (a run that failed before writing data, e.g.
+    on bad input, leaves nothing to protect)."""
     path = root / "settings.json"
-    if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+    if path.exists() and (root / "data").exists():
+        old = json.loads(path.read_text())
+        changed = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            sys.exit(f"{root} holds a run made with other settings ({', '.join(changed)}): delete everything in it "
+                     "but target/ (the trained target is reused), or pass another --root")  # fmt: skip
         return
-    old = json.loads(path.read_text())
-    changed = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
-    if changed:
-        sys.exit(f"{root} holds a run made with other settings ({', '.join(changed)}): delete everything in it but "
-                 "target/ (the trained target is reused), or pass another --root")  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def target_record(target: Path) -> dict | None:
@@ -436,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.draft_train_clips is not None:
         if not hasattr(plan, "draft_train_clips"):
             p.error(f"--draft-train-clips: the {a.task} task has no train-split clips (speech has)")
+        if a.draft_train_clips < 0:  # refused before a target is trained (~30 CPU minutes), not after
+            p.error(f"--draft-train-clips must be 0 or more, got {a.draft_train_clips}")
         changes["draft_train_clips"] = a.draft_train_clips
     run(dataclasses.replace(plan, **changes))
 
