@@ -16,7 +16,7 @@ from pipeline.cache.reader import open_cache
 from pipeline.draft import vocab as draft_vocab
 from pipeline.draft.export import export_sglang, export_speculators, load_sglang_export
 from pipeline.draft.model import DraftConfig, Eagle3Draft, TTTCache, apply_rotary, draft_vocab_from_counts
-from pipeline.draft.teacher import Teacher
+from pipeline.draft.teacher import Teacher, TeacherOutput
 from pipeline.draft.ttt_loss import StepStats, TrainingTimeTest, shift_left, teacher_targets
 
 B, T = 2, 7
@@ -320,12 +320,10 @@ def expected_counts(cache) -> np.ndarray:
     return counts
 
 
-@torch.no_grad()
-def test_later_ttt_steps_on_answer_rows_only_equal_running_every_row(model):
-    """The training objective runs steps 1.. on the rows a later step is scored on; a plain loop over every row
-    (the definition) gives the same loss, per-step sums and right/wrong flags."""
+def ttt_batch(model, b: int = 3, t: int = 12) -> tuple[dict, TeacherOutput]:
+    """A batch with answers of several lengths (one ending the sample) and a teacher whose top token is sometimes
+    outside the draft vocab."""
     torch.manual_seed(3)
-    b, t, steps = 3, 12, 4
     embeds, aux = torch.randn(b, t, 64), torch.randn(b, t, 3 * 48)
     loss_mask = torch.zeros(b, t, dtype=torch.bool)
     loss_mask[0, 7:11], loss_mask[1, 3:5], loss_mask[1, 9:], loss_mask[2, 10:] = True, True, True, True  # answers
@@ -334,23 +332,56 @@ def test_later_ttt_steps_on_answer_rows_only_equal_running_every_row(model):
              "aux": aux, "final_hidden": torch.randn(b, t, 64)}  # fmt: skip
     target = teacher_targets(teacher, batch)
     assert target.in_draft_vocab.any() and not target.in_draft_vocab[loss_mask.roll(-1, 1)].all()
-    loss, sums, right = TrainingTimeTest(model, steps)(batch, target)
+    return batch, target
 
-    cache, hidden, total, ref_sums = TTTCache(), model.project(aux), 0.0, []
+
+def ttt_by_definition(model, batch: dict, target: TeacherOutput, steps: int):
+    """Every step on every row -> (loss, per-step [loss, rows, correct, chain_correct, supervised], right flags)."""
+    embeds, loss_mask = batch["inputs_embeds"], batch["loss_mask"]
+    cache, hidden, total, sums, rights = TTTCache(), model.project(batch["aux"]), 0.0, [], []
     to_target, chain = model.d2t + torch.arange(40), torch.ones_like(loss_mask)
-    for k in range(steps):  # the definition: every step on every row
+    for k in range(steps):
         hidden, logits = model(shift_left(embeds, 1 + k), hidden, cache=cache)
         counted = shift_left(loss_mask, 2 + k) & shift_left(target.in_draft_vocab, 1 + k)
         p_log, d_log = shift_left(target.log_probs, 1 + k), logits.log_softmax(-1)
         row_loss = -(p_log.exp() * d_log).sum(-1)[counted]
         total = total + 0.8**k * row_loss.sum() / counted.sum().clamp(min=1)
         ok = to_target[logits.argmax(-1)] == shift_left(target.top_ids, 1 + k)
-        assert torch.equal(right[..., k] & counted, ok & counted), k
-        ref_sums.append([row_loss.sum(), counted.sum(), (ok & counted).sum(), (chain & ok & counted).sum(),
-                         shift_left(loss_mask, 2 + k).sum()])  # fmt: skip
+        rights.append(ok & counted)
+        sums.append(torch.stack([row_loss.sum(), counted.sum(), (ok & counted).sum(), (chain & ok & counted).sum(),
+                                 shift_left(loss_mask, 2 + k).sum()]).detach().float())  # fmt: skip
         chain = chain & (ok | ~counted)
-    torch.testing.assert_close(loss, total)
-    torch.testing.assert_close(sums[[0, 2, 3, 5, 6]].float(), torch.tensor(ref_sums).T.float())
+    return total, torch.stack(sums, 1), torch.stack(rights, -1)
+
+
+@torch.no_grad()
+def test_ttt_on_the_rows_that_count_equals_running_every_row(model):
+    """The training objective runs step 0's queries, and steps 1.., only on the rows a step is scored on or starts
+    from; a plain loop over every row (the definition) gives the same loss, per-step sums and right/wrong flags."""
+    steps = 4
+    batch, target = ttt_batch(model)
+    loss, sums, right = TrainingTimeTest(model, steps)(batch, target)
+    ref_loss, ref_sums, ref_right = ttt_by_definition(model, batch, target, steps)
+    counted = torch.stack([shift_left(batch["loss_mask"], 2 + k) & shift_left(target.in_draft_vocab, 1 + k)
+                           for k in range(steps)], -1)  # fmt: skip
+    assert torch.equal(right & counted, ref_right)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(sums[[0, 2, 3, 5, 6]].float(), ref_sums)
     # Coverage: the rows step 0 scores (target top token in the draft vocab) among all that predict an answer token.
     coverage = StepStats(sums).summary()["vocab_coverage"]
-    assert 0 < coverage < 1 and coverage == pytest.approx(float(ref_sums[0][1] / ref_sums[0][4]))
+    assert 0 < coverage < 1 and coverage == pytest.approx(float(ref_sums[1, 0] / ref_sums[4, 0]))
+
+
+def test_ttt_on_the_rows_that_count_has_the_gradients_of_every_row(model):
+    """The rows step 0 only takes keys and values from still pass gradients to fc, k_proj and v_proj: every
+    parameter's gradient equals the definition's."""
+    steps = 4
+    batch, target = ttt_batch(model)
+    model.zero_grad()
+    TrainingTimeTest(model, steps)(batch, target)[0].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ttt_by_definition(model, batch, target, steps)[0].backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+    assert grads["fc.weight"].abs().sum() > 0 and grads["midlayer.self_attn.k_proj.weight"].abs().sum() > 0

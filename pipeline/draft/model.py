@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.draft.rows import take
+
 # transformers' initializer_range for Llama/Qwen2, which SpecForge's draft inherits through post_init().
 INIT_STD = 0.02
 
@@ -160,6 +162,8 @@ def ttt_attention(
     scale = q.shape[-1] ** -0.5
     future = torch.arange(T, device=q.device) > rows[:, None, :, None]  # [B, 1, R, T]: keys after the row
     scores0 = (q @ keys[0].transpose(-1, -2) * scale).masked_fill(future, float("-inf"))  # [B, h, R, T]
+    if len(keys) == 1:  # step 0 on some rows: causal attention of those rows
+        return scores0.float().softmax(dim=-1).to(q.dtype) @ values[0]
     diag = torch.stack([(q * k).sum(-1) for k in keys[1:]], dim=-1) * scale  # [B, h, R, steps-1]
     probs = torch.cat([scores0, diag], dim=-1).float().softmax(dim=-1).to(q.dtype)
     out = probs[..., :T] @ values[0]
@@ -188,24 +192,32 @@ class Eagle3Attention(nn.Module):
         sin: torch.Tensor,
         cache: TTTCache | None = None,
         rows: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``queries`` [B, R] (step 0 only): the rows whose output is wanted; every row gives keys and values."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if queries is not None:
+            # Rotations are [B, 1, T, d] (broadcast over heads): pick the query rows' along T.
+            cos, sin = (take(r[:, 0], queries)[:, None] for r in (cos, sin))
+            x, rows = take(x, queries), queries
+        q = self.q_proj(x).view(B, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
         # Grouped-query attention: kv head j serves query heads j*rep .. (j+1)*rep-1, as HF's repeat_kv.
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if cache is not None:
             cache.keys.append(k)
             cache.values.append(v)
-        if cache is None or len(cache) == 1:
+        if queries is None and (cache is None or len(cache) == 1):
             # Right padding needs no mask: causality keeps every real row from seeing the pads after it.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = ttt_attention(q, cache.keys, cache.values, rows)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            keys, values = (cache.keys, cache.values) if cache is not None else ([k], [v])
+            out = ttt_attention(q, keys, values, rows)
+        return self.o_proj(out.transpose(1, 2).reshape(B, q.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -236,10 +248,12 @@ class Eagle3DecoderLayer(nn.Module):
         sin: torch.Tensor,
         cache: TTTCache | None = None,
         rows: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # The residual is the un-normalised hidden (speculators/vLLM `norm_before_residual: false`).
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
-        h = hidden + self.self_attn(x, cos, sin, cache, rows)
+        residual = hidden if queries is None else take(hidden, queries)
+        h = residual + self.self_attn(x, cos, sin, cache, rows, queries)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -290,6 +304,7 @@ class Eagle3Draft(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: TTTCache | None = None,
         rows: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One draft step without the head -> hidden_out [B, T, H] (training scores only some rows' logits).
 
@@ -299,6 +314,8 @@ class Eagle3Draft(nn.Module):
         step k then rotates with ``position_ids + k`` (its rows stand k tokens later) and attends as in
         ``ttt_attention``; steps after the first may run on a subset of rows, ``rows`` [B, R] (their indices into
         step 0's rows; ``position_ids`` are then theirs). Without a cache the step is plain causal attention.
+        ``queries`` [B, R] (step 0): only these rows' hidden_out is computed ([B, R, H]); every row still gives its
+        key and value, which is all the rows no step scores and no later step starts from contribute.
         """
         if hidden.shape[-1] != self.config.hidden_size:
             hidden = self.project(hidden)
@@ -307,7 +324,7 @@ class Eagle3Draft(nn.Module):
             position_ids = torch.arange(T, device=hidden.device).expand(B, T)
         step = len(cache) if cache is not None else 0
         cos, sin = self.rotary(position_ids + step, hidden.dtype)
-        return self.midlayer(inputs_embeds, hidden, cos, sin, cache, rows)
+        return self.midlayer(inputs_embeds, hidden, cos, sin, cache, rows, queries)
 
 
 def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.draft.model import Eagle3Draft, TTTCache
+from pipeline.draft.rows import rows_where, take
 from pipeline.draft.teacher import Teacher, TeacherOutput
 
 
@@ -80,10 +81,10 @@ class TrainingTimeTest(nn.Module):
         """-> (weighted loss, per-step sums [len(FIELDS), steps], right [B, T, steps]) for one micro-batch;
         ``right[b, t, k]``: step k of row t drafts the target's own choice for token t+2+k.
 
-        Step 0 runs on every row (its keys are what every later step attends to) but its logits are computed only
-        where it is scored; steps 1.. run only on the rows a later step is scored on (chains ending in an answer).
-        With audio prompts of hundreds of tokens and short answers that is a small share of the rows, and the
-        numbers are those of running every row.
+        Step 0 gives every row's key and value (what every later step attends to), but its output only where it
+        is scored or a later step starts from it; steps 1.. run only on the rows a later step is scored on (chains
+        ending in an answer). With audio prompts of hundreds of tokens and short answers that is a small share of
+        the rows, and the numbers are those of running every row.
         """
         draft, ids, loss_mask = self.draft, batch["input_ids"], batch["loss_mask"]
         dtype = draft.fc.weight.dtype
@@ -92,18 +93,25 @@ class TrainingTimeTest(nn.Module):
         B, T = ids.shape
         draft_to_target = draft.d2t + torch.arange(len(draft.d2t), device=ids.device)
         scored = [shift_left(loss_mask, 2 + k) & shift_left(target.in_draft_vocab, 1 + k) for k in range(self.steps)]
-        rows = torch.arange(T, device=ids.device).expand(B, T)  # the rows a step runs on
+        later = torch.stack(scored[1:]).any(0) if self.steps > 1 else torch.zeros_like(loss_mask)
+        rows = rows_where(scored[0] | later)  # the rows step 0 computes an output for
         cache, total, per_step = TTTCache(), 0.0, []
         # Full size plus a column that padded row indices (T) write to: right/wrong per step, unbroken chains.
         rights = torch.zeros(B, T + 1, self.steps, dtype=torch.bool, device=ids.device)
         chain = torch.ones(B, T + 1, dtype=torch.bool, device=ids.device)
         for k in range(self.steps):
-            if k == 1:
-                rows = rows_where(torch.stack(scored[1:]).any(0))
-                hidden = take(hidden, rows)
-            hidden = draft.step(take(embeds, rows, 1 + k), hidden, rows, cache, rows=rows if k else None)
-            at = rows_where(scored[0]) if k == 0 else rows  # the rows whose logits this step needs
-            logits = draft.head(take(hidden, at) if k == 0 else hidden)
+            if k == 0:
+                hidden = draft.step(shift_left(embeds, 1), hidden, cache=cache, queries=rows)
+                # Back to full width (a column more for the padded row index T), to pick rows by index.
+                full = hidden.new_zeros(B, T + 1, hidden.shape[-1]).scatter(
+                    1, rows[..., None].expand_as(hidden), hidden
+                )
+                rows, at = rows_where(later), rows_where(scored[0])  # steps 1.. run on; step 0's logits
+                hidden, logits = take(full[:, :T], rows), draft.head(take(full[:, :T], at))
+            else:
+                hidden = draft.step(take(embeds, rows, 1 + k), hidden, rows, cache, rows=rows)
+                at = rows
+                logits = draft.head(hidden)
             counted = take(scored[k], at)
             teacher_logp = take(target.log_probs, at, 1 + k)
             teacher_p, draft_logp = teacher_logp.exp(), logits.float().log_softmax(-1)
@@ -118,22 +126,6 @@ class TrainingTimeTest(nn.Module):
             rights[..., k].scatter_(1, at, right)
             chain.scatter_(1, at, alive & (right | ~counted))  # a row's chain breaks at its first counted miss
         return total, torch.stack(per_step, dim=1), rights[:, :T]
-
-
-def rows_where(mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool -> [B, R] the indices of each batch row's True rows in order, padded with T (past the end)."""
-    B, T = mask.shape
-    width = max(1, int(mask.sum(1).max()) if B else 1)
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]  # True rows first
-    return torch.where(mask.gather(1, order), order, T)
-
-
-def take(x: torch.Tensor, rows: torch.Tensor, shift: int = 0) -> torch.Tensor:
-    """x[b, rows[b, r] + shift] -> [B, R, ...]; zero (False) past the end, as ``shift_left`` pads."""
-    at = rows + shift
-    inside = (at < x.shape[1]).view(*at.shape, *[1] * (x.dim() - 2))
-    index = at.clamp(max=x.shape[1] - 1).view(*at.shape, *[1] * (x.dim() - 2)).expand(*at.shape, *x.shape[2:])
-    return x.gather(1, index).masked_fill(~inside, 0)
 
 
 def replay_decoding(right: torch.Tensor, loss_mask: torch.Tensor, k: int) -> tuple[int, int]:
