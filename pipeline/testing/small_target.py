@@ -106,6 +106,17 @@ class Task(Protocol):
         ...
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16, Linux flags). There bf16 matmuls ran 4-5x
+    faster than float32; elsewhere they are emulated: on an AVX2-only AMD EPYC (Zen 3) a [2048, 128] x [128, 384]
+    matmul ran at 1.9 GFLOPS in bf16 against 72 in float32, and the speech target's step took 4 s instead of ~1."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """What training shares across tasks (sizes, optimisation, evaluation); a task's config adds its data and

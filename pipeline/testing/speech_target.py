@@ -25,7 +25,7 @@ import soundfile as sf
 
 from pipeline.inputs.hf_dataset import DEFAULT_INSTRUCTION
 from pipeline.settings import setting
-from pipeline.testing.small_target import Clip, Task, TrainerConfig, tokenizer_corpus
+from pipeline.testing.small_target import Clip, Task, TrainerConfig, cpu_has_native_bf16, tokenizer_corpus
 from pipeline.testing.speech_data import (
     SPLITS,
     SpeechClip,
@@ -82,7 +82,11 @@ class SpeechTargetConfig(TrainerConfig):
     )
     steps: int = setting(800, "decoder steps (after the encoder's)")
     warmup_steps: int = setting(60, "linear warm-up steps")
-    bf16: bool = setting(True, "train under bfloat16 autocast (weights, optimizer and evaluation stay float32)")
+    bf16: bool = setting(
+        cpu_has_native_bf16(),
+        "train under bfloat16 autocast (weights, optimizer and evaluation stay float32; default: where the CPU has "
+        "native bf16, AMX or AVX512-BF16)",
+    )
     attention: Literal["sdpa", "eager"] = setting("eager", "attention kernel while training")
     bucket_batches: int = setting(
         8, "after the curriculum, batch clips of similar length from pools of this many batches (0: off)"
