@@ -57,9 +57,17 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
 def test_small_quality_run_is_lossless_and_the_draft_is_accepted(tmp_path):
     root = tmp_path / "quality"
     # The shipped target (data/melody-target): training one here would cost CI ~4 CPU minutes more.
-    run_stage("stages.bench.quality", "--small", "--root", str(root), "--target", str(REPO / "data/melody-target"))
+    # Two jobs: regenerate and dump as two torchrun ranks, the draft's stages logged to runs/base.log.
+    run_stage("stages.bench.quality", "--small", "--root", str(root), "--target", str(REPO / "data/melody-target"),
+              "--jobs", "2")  # fmt: skip
     report = json.loads((root / "quality.json").read_text())
     (base,) = report["results"]
+    assert len(list((root / "data" / "train-regen").glob("*.tar"))) == len(
+        list((root / "data" / "train").glob("*.tar"))
+    )
+    log = (root / "runs" / "base.log").read_text()
+    assert "step 160 eval:" in log and "samples: tau" in log, log[-2000:]  # the draft's training, then its eval
+    assert "2 jobs side by side" in (root / "QUALITY.md").read_text()
     assert base["lossless"] is True
     assert base["tau"] > 3.0, base  # tokens per verify pass; 1.0 means the draft never helped
     # Measured on the run's held-out clips, whose cached answers are the target's greedy ones: the offline replay
@@ -77,7 +85,7 @@ def test_small_quality_run_is_lossless_and_the_draft_is_accepted(tmp_path):
 def test_small_speech_quality_run_is_lossless_and_replays_exactly(tmp_path):
     # Speech clips as users bring them: an HF audio dataset converted by make-shards --hf-dataset (~3 CPU minutes).
     root = tmp_path / "quality-speech"
-    run_stage("stages.bench.quality", "--task", "speech", "--small", "--root", str(root))
+    run_stage("stages.bench.quality", "--task", "speech", "--small", "--root", str(root), "--jobs", "1")
     report = json.loads((root / "quality.json").read_text())
     assert report["task"] == "speech" and report["target_scores"]["wer"] >= 0, report["target_scores"]
     (base,) = report["results"]

@@ -22,12 +22,16 @@ differ from those ROOT/settings.json recorded is refused, since it would report 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +113,9 @@ class QualityPlan:
     baseline: str = "mixed embeds, served by sglang"  # the row every other is compared with (paired, same clips)
     resamples: int = 2000  # bootstrap resamples of the held-out clips
     command: str = "just quality"  # how the run was started, for the report
+    # Stages run side by side: regenerate and dump with this many ranks (torchrun, gloo), and this many drafts trained
+    # and evaluated at once, each process with cores/jobs torch threads (small drafts scale poorly over threads).
+    jobs: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
     task = "melody"  # train_small_target --task
     report_name = "QUALITY.md"
     clip_words = "melody clips"
@@ -163,15 +170,29 @@ class QualityPlan:
         )  # fmt: skip
 
 
-STAGE_SECONDS: dict[str, float] = {}  # what each step of this run took, for the report
+STAGE_SECONDS: dict[str, float] = {}  # what each step of this run took (summed over jobs side by side), for the report
+_SECONDS_LOCK = threading.Lock()
 
 
-def stage(*args: str) -> None:
-    print("$ python -m", " ".join(args), flush=True)
+def stage(*args: str, ranks: int = 1, threads: int | None = None, log: Path | None = None) -> None:
+    """Run a project stage as a user would: ``python -m`` (or torchrun with ``ranks`` processes), with ``threads``
+    torch threads each (default: torch's own), its output to the console or appended to ``log``."""
+    launch = (
+        ["-m"] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m"]
+    )
+    shown = "python " + " ".join([*launch, *args]) + (f"  (output: {log})" if log else "")
+    print(f"$ {'' if threads is None else f'OMP_NUM_THREADS={threads} '}{shown}", flush=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.time()
-    subprocess.run([sys.executable, "-m", *args], check=True)
-    name = args[0].removeprefix("stages.")
-    STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.time() - started
+    with open(log, "a") if log else contextlib.nullcontext() as out:
+        done = subprocess.run(
+            [sys.executable, *launch, *args], env=env, stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+    if done.returncode:
+        sys.exit(f"{args[0]} failed (exit {done.returncode})" + (f": see {log}" if log else ""))
+    with _SECONDS_LOCK:
+        name = args[0].removeprefix("stages.")
+        STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.time() - started
 
 
 def run(plan: QualityPlan) -> list[dict]:
@@ -186,24 +207,23 @@ def run(plan: QualityPlan) -> list[dict]:
     variants = plan.plan_variants(target)
     if not (data / "train").exists():
         plan.write_draft_data(data, target)
+    # Ranks share the cores (one torch thread each); regenerate's answers do not depend on the number of ranks.
+    ranks = dict(ranks=plan.jobs, threads=max(1, (os.cpu_count() or 1) // plan.jobs)) if plan.jobs > 1 else {}
     stage("stages.regenerate", f"{data}/train/*.tar", str(data / "train-regen"), "--model", str(target),
-          "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "16")  # fmt: skip
+          "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "16", **ranks)  # fmt: skip
     for states in sorted({v.states for v in variants} | {"exact"}):
         if dumped(cache_dir(cache, states)):  # finished (maybe with an earlier version's codec defaults): keep it
             continue
         stage("stages.dump_hidden", f"{data}/train-regen/*.tar", str(cache_dir(cache, states)), "--model",
-              str(target), "--layers", "1,2,3,4,5,6,7", "--state-encoding", states)  # fmt: skip
+              str(target), "--layers", "1,2,3,4,5,6,7", "--state-encoding", states, **ranks)  # fmt: skip
+    draft_runs: dict[str, list[Variant]] = {}  # one training per run, then each of its variants' evaluation
+    for variant in variants:
+        draft_runs.setdefault(variant.run_name, []).append(variant)
+    with ThreadPoolExecutor(plan.jobs) as pool:
+        list(pool.map(lambda run_variants: train_and_evaluate(plan, run_variants), draft_runs.values()))
     results, clips = [], {}
     for variant in variants:
         run_dir, eval_dir = runs / variant.run_name, runs / variant.run_name / variant.eval_dir
-        if not (run_dir / "eval.json").exists():  # never trained, or an attempt that died: train from scratch
-            stage("stages.train_draft", str(cache_dir(cache, variant.states)), "--runs-dir", str(runs), "--name",
-                  variant.run_name, "--overwrite", *variant.train, *plan.train_flags())  # fmt: skip
-        if not (eval_dir / "eval.json").exists():
-            # The run's held-out clips: the very samples its offline estimate was computed on.
-            stage("stages.eval_draft", str(run_dir), f"{data}/train-regen/*.tar", "--model", str(target),
-                  "--split", "eval", "--k", str(plan.k), "--max-new-tokens", str(plan.max_new_tokens),
-                  "--out", str(eval_dir), "--serve", variant.serve)  # fmt: skip
         measured = json.loads((eval_dir / "eval.json").read_text())
         clips[variant.name] = clip_tokens(measured)
         offline = json.loads((run_dir / "eval.json").read_text())[-1]  # the held-out figures, per engine
@@ -216,6 +236,27 @@ def run(plan: QualityPlan) -> list[dict]:
     add_intervals(results, clips, plan.baseline, plan.resamples)
     report(plan, results, time.time() - started)
     return results
+
+
+def train_and_evaluate(plan: QualityPlan, variants: list[Variant]) -> None:
+    """Train the draft the ``variants`` share (one run), then evaluate it as each of them is served; steps whose
+    outputs exist are skipped. Beside other jobs, each job's output goes to runs/NAME.log."""
+    data, runs, target = plan.root / "data", plan.root / "runs", plan.target_dir()
+    run_dir = runs / variants[0].run_name
+    side = {}
+    if plan.jobs > 1:
+        runs.mkdir(parents=True, exist_ok=True)
+        side = dict(threads=max(1, (os.cpu_count() or 1) // plan.jobs), log=runs / f"{run_dir.name}.log")
+    if not (run_dir / "eval.json").exists():  # never trained, or an attempt that died: train from scratch
+        stage("stages.train_draft", str(cache_dir(plan.root / "cache", variants[0].states)), "--runs-dir", str(runs),
+              "--name", run_dir.name, "--overwrite", *variants[0].train, *plan.train_flags(), **side)  # fmt: skip
+    for variant in variants:
+        eval_dir = run_dir / variant.eval_dir
+        if not (eval_dir / "eval.json").exists():
+            # The run's held-out clips: the very samples its offline estimate was computed on.
+            stage("stages.eval_draft", str(run_dir), f"{data}/train-regen/*.tar", "--model", str(target),
+                  "--split", "eval", "--k", str(plan.k), "--max-new-tokens", str(plan.max_new_tokens),
+                  "--out", str(eval_dir), "--serve", variant.serve, **side)  # fmt: skip
 
 
 def check_settings(root: Path, settings: dict) -> None:
@@ -352,8 +393,9 @@ def report(plan: QualityPlan, results: list[dict], seconds: float) -> None:
                  "regenerate cut them, and their end-of-turn token is not learned.\n\n") if cut else ""  # fmt: skip
     (out / plan.report_name).write_text(
         f"# Quality benchmark{'' if plan.task == 'melody' else f': {plan.task}'}\n\nCommand: `{plan.command}` "
-        f"({seconds / 60:.1f} min; minutes per stage: {stages}; a "
-        f"stage whose outputs existed was skipped). K={plan.k}; every draft measured on its run's held-out clips "
+        f"({seconds / 60:.1f} min, {plan.jobs} {'job' if plan.jobs == 1 else 'jobs side by side'}; minutes per "
+        f"stage{'' if plan.jobs == 1 else ', summed over jobs'}: {stages}; a stage whose outputs existed was skipped). "
+        f"K={plan.k}; every draft measured on its run's held-out clips "
         f"({plan.eval_percent:g}% of the keys, {results[0]['clips']} clips, never trained on), at most "
         f"{plan.max_new_tokens} new tokens, every output checked equal to plain greedy.\n"
         f"Draft data: {plan.data_words()}; answers regenerated by the target. {plan.draft_steps} draft steps.\n\n"
@@ -426,12 +468,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-train-clips", type=int, help="speech only: add clips of the train split's sentences to "
                    "the draft's data (default: the plan's; only held-out sentences are evaluated)")  # fmt: skip
     p.add_argument("--small", action="store_true", help="the CI-sized run (briefly trained target, one draft)")
+    p.add_argument("--jobs", type=int, help="processes side by side: ranks of regenerate and dump, drafts trained and "
+                   "evaluated at once (default: the CPU cores, at most 8; 1: one stage at a time)")  # fmt: skip
     a = p.parse_args(argv)
     kind = plans[a.task]
     root = a.root or kind.root
     plan = kind.small(root) if a.small else kind(root=root)
     command = " ".join(["just quality", *(argv if argv is not None else sys.argv[1:])])
     changes = {"target": a.target, "thirds": a.thirds, "command": command}
+    if a.jobs is not None:
+        if a.jobs < 1:
+            p.error(f"--jobs must be 1 or more, got {a.jobs}")
+        changes["jobs"] = a.jobs
     if a.draft_steps is not None:
         changes["draft_steps"] = a.draft_steps
     if a.draft_train_clips is not None:
