@@ -156,8 +156,9 @@ class QualityPlan:
 
     def train_flags(self) -> list[str]:
         # No DataLoader workers: on a cache this small their start-up each epoch costs more than decoding.
+        evals = min(max(80, self.draft_steps // 6), self.draft_steps)  # every 80 steps, at most ~6 times a run
         flags = {"max-steps": self.draft_steps, "max-tokens": self.max_tokens, "lr": 3e-3,
-                 "eval-every": min(80, self.draft_steps), "checkpoint-every": 1000, "eval-percent": self.eval_percent,
+                 "eval-every": evals, "checkpoint-every": 1000, "eval-percent": self.eval_percent,
                  "num-workers": 0}  # fmt: skip
         return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
 

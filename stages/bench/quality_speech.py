@@ -75,9 +75,10 @@ class SpeechQualityPlan(QualityPlan):
     draft_train_clips: int = 0
     data_seed: int = 1  # voices, rates, pitches and sentence order of the draft's clips (the target's seed is 0)
     eval_percent: float = 10.0
-    # 400 steps under-train the draft: 1200 gave +0.52 tau, and 3200 train-split clips +0.17 more, but only at 1200
-    # steps (BENCHMARKS.md, 2026-12-03, base only); 7 drafts of 1200 steps would put the run over its hour.
-    draft_steps: int = 400
+    # 400 steps under-trained the draft: 1200 gave +0.52 tau, and 3200 train-split clips +0.17 more, but only at 1200
+    # steps (BENCHMARKS.md, 2026-12-03, base only). 1200 fit the hour once drafts ran two at a time (--jobs) and
+    # step 0 of the training-time test skipped the rows no step scores.
+    draft_steps: int = 1200
     max_new_tokens: int = 96  # the longest sentences (30 words) are ~60 tokens; the target's own evaluation's limit
     variants: list[Variant] = field(default_factory=list)  # sized from the tokenizer: plan_variants
     baseline: str = "base"
