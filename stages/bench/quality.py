@@ -127,6 +127,10 @@ class QualityPlan:
                  "max_tokens", "k", "max_new_tokens")  # fmt: skip
         return {"task": self.task, **{n: getattr(self, n) for n in names if hasattr(self, n)}}
 
+    @property
+    def threads_per_job(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.jobs)
+
     def target_dir(self) -> Path:
         return self.target or self.root / "target"
 
@@ -209,7 +213,7 @@ def run(plan: QualityPlan) -> list[dict]:
     if not (data / "train").exists():
         plan.write_draft_data(data, target)
     # Ranks share the cores (one torch thread each); regenerate's answers do not depend on the number of ranks.
-    ranks = dict(ranks=plan.jobs, threads=max(1, (os.cpu_count() or 1) // plan.jobs)) if plan.jobs > 1 else {}
+    ranks = dict(ranks=plan.jobs, threads=plan.threads_per_job) if plan.jobs > 1 else {}
     stage("stages.regenerate", f"{data}/train/*.tar", str(data / "train-regen"), "--model", str(target),
           "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "16", **ranks)  # fmt: skip
     for states in sorted({v.states for v in variants} | {"exact"}):
@@ -247,7 +251,7 @@ def train_and_evaluate(plan: QualityPlan, variants: list[Variant]) -> None:
     side = {}
     if plan.jobs > 1:
         runs.mkdir(parents=True, exist_ok=True)
-        side = dict(threads=max(1, (os.cpu_count() or 1) // plan.jobs), log=runs / f"{run_dir.name}.log")
+        side = dict(threads=plan.threads_per_job, log=runs / f"{run_dir.name}.log")
     if not (run_dir / "eval.json").exists():  # never trained, or an attempt that died: train from scratch
         stage("stages.train_draft", str(cache_dir(plan.root / "cache", variants[0].states)), "--runs-dir", str(runs),
               "--name", run_dir.name, "--overwrite", *variants[0].train, *plan.train_flags(), **side)  # fmt: skip
