@@ -53,6 +53,17 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
     assert json.loads((plan.root / "settings.json").read_text())["draft_steps"] == 240  # the first run's, kept
 
 
+def test_variants_narrows_the_runs_and_keeps_the_baseline(tmp_path):
+    plan = QualityPlan(root=tmp_path, only=("ttt1",))
+    assert [v.name for v in plan.chosen_variants(tmp_path)] == [
+        v.name for v in plan.variants if v.run_name in {"ttt1", "mixed-embeds"}
+    ]
+    assert plan.baseline in [v.name for v in plan.chosen_variants(tmp_path)]
+    assert QualityPlan(root=tmp_path).chosen_variants(tmp_path) == QualityPlan(root=tmp_path).variants
+    with pytest.raises(SystemExit, match=r"no run named tt1; this task's runs: .*ttt1"):
+        QualityPlan(root=tmp_path, only=("tt1",)).chosen_variants(tmp_path)
+
+
 @pytest.mark.slow
 def test_small_quality_run_is_lossless_and_the_draft_is_accepted(tmp_path):
     root = tmp_path / "quality"
@@ -88,7 +99,11 @@ def test_small_speech_quality_run_is_lossless_and_replays_exactly(tmp_path):
     run_stage("stages.bench.quality", "--task", "speech", "--small", "--root", str(root), "--jobs", "1")
     report = json.loads((root / "quality.json").read_text())
     assert report["task"] == "speech" and report["target_scores"]["wer"] >= 0, report["target_scores"]
-    (base,) = report["results"]
+    # --small keeps the run "base": its one draft, evaluated as SGLang and as vLLM serve it.
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"base", "base, served by vllm"}, rows
+    base, vllm = rows["base"], rows["base, served by vllm"]
+    assert vllm["lossless"] is True and vllm["clips"] == base["clips"], vllm
     assert base["clips"] >= 5 and base["lossless"] is True, base
     assert base["cut"] == 0, base  # no answer reached max_new_tokens: the target ends every answer
     assert base["offline_tau"] == pytest.approx(base["tau"], abs=1e-6), base

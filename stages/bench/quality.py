@@ -111,6 +111,8 @@ class QualityPlan:
         ]
     )
     baseline: str = "mixed embeds, served by sglang"  # the row every other is compared with (paired, same clips)
+    # Run names (Variant.run_name) to train and report, the baseline's always among them; empty: every variant.
+    only: tuple[str, ...] = ()
     resamples: int = 2000  # bootstrap resamples of the held-out clips
     command: str = "just quality"  # how the run was started, for the report
     # Stages run side by side: regenerate and dump with this many ranks (torchrun, gloo), and this many drafts trained
@@ -137,6 +139,19 @@ class QualityPlan:
     def plan_variants(self, target: Path) -> list[Variant]:
         """The variants to train, once the target exists (a task may size them from its tokenizer)."""
         return self.variants
+
+    def chosen_variants(self, target: Path) -> list[Variant]:
+        """plan_variants, narrowed to the runs named in ``only`` (and the baseline's run, which every row is compared
+        with). Exits naming the runs there are if ``only`` names another."""
+        variants = self.plan_variants(target)
+        if not self.only:
+            return variants
+        names = list(dict.fromkeys(v.run_name for v in variants))
+        unknown = [n for n in self.only if n not in names]
+        if unknown:
+            sys.exit(f"--variants: no run named {', '.join(unknown)}; this task's runs: {', '.join(names)}")
+        keep = {*self.only, *(v.run_name for v in variants if v.name == self.baseline)}
+        return [v for v in variants if v.run_name in keep]
 
     def write_draft_data(self, data: Path, target: Path) -> None:
         """data/train/*.tar: the draft's conversations, whose answers regenerate rewrites (a task may fit them to
@@ -209,7 +224,7 @@ def run(plan: QualityPlan) -> list[dict]:
             sys.exit(f"--target {target}: no trained target there (no config.json)")
         stage("stages.bench.train_small_target", str(target), "--task", plan.task, *plan.target_flags)
     check_task(target, plan.task)
-    variants = plan.plan_variants(target)
+    variants = plan.chosen_variants(target)
     if not (data / "train").exists():
         plan.write_draft_data(data, target)
     # Ranks share the cores (one torch thread each); regenerate's answers do not depend on the number of ranks.
@@ -475,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--small", action="store_true", help="the CI-sized run (briefly trained target, one draft)")
     p.add_argument("--jobs", type=int, help="processes side by side: ranks of regenerate and dump, drafts trained and "
                    "evaluated at once (default: the CPU cores, at most 8; 1: one stage at a time)")  # fmt: skip
+    p.add_argument("--variants", help="comma-separated run names to train and report (e.g. base,ttt1; the baseline's "
+                   "run is always included; default: every variant)")  # fmt: skip
     a = p.parse_args(argv)
     kind = plans[a.task]
     root = a.root or kind.root
@@ -485,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
         if a.jobs < 1:
             p.error(f"--jobs must be 1 or more, got {a.jobs}")
         changes["jobs"] = a.jobs
+    if a.variants is not None:
+        changes["only"] = tuple(n for n in a.variants.split(",") if n)
     if a.draft_steps is not None:
         changes["draft_steps"] = a.draft_steps
     if a.draft_train_clips is not None:

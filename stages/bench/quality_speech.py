@@ -82,7 +82,6 @@ class SpeechQualityPlan(QualityPlan):
     max_new_tokens: int = 96  # the longest sentences (30 words) are ~60 tokens; the target's own evaluation's limit
     variants: list[Variant] = field(default_factory=list)  # sized from the tokenizer: plan_variants
     baseline: str = "base"
-    only_base: bool = False  # the CI-sized run: one draft
     task = "speech"
     report_name = "QUALITY-speech.md"
     clip_words = "speech clips"
@@ -96,15 +95,13 @@ class SpeechQualityPlan(QualityPlan):
                   "--warmup-steps", "5", "--curriculum-steps", "0", "--monitor-every", "0", "--checkpoint-every", "0",
                   "--max-new-tokens", "32", "--encoder-pretrain-steps", "0", "--ctc-weight", "1.0"]  # fmt: skip
         return cls(root=root, target_flags=target, draft_clips=48, draft_train_clips=16, eval_percent=25.0,
-                   draft_steps=60, max_new_tokens=32, only_base=True)  # fmt: skip
+                   draft_steps=60, max_new_tokens=32, only=("base",))  # fmt: skip
 
     def plan_variants(self, target: Path) -> list[Variant]:
         if self.variants:
             return self.variants
         vocab = tokenizer_size(target)
         base = base_flags(vocab)
-        if self.only_base:
-            return [Variant("base", base)]
         return [
             Variant("base", base),
             Variant("base, served by vllm", base, "vllm", run="base"),
