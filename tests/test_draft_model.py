@@ -168,6 +168,14 @@ def test_set_draft_vocab_rejects_inconsistent_maps(model):
         model.set_draft_vocab(d2t, t2d)
 
 
+def test_head_started_from_the_target_gives_its_logits_at_draft_tokens(model):
+    target_head = torch.randn(100, 64)
+    model.start_head_from_target(target_head)
+    hidden = torch.randn(5, 64)
+    target_ids = model.d2t + torch.arange(40)  # a scattered draft vocab: draft id i is target id i + d2t[i]
+    assert torch.equal(model.lm_head(hidden), (hidden @ target_head.T)[:, target_ids])
+
+
 # --- exports -----------------------------------------------------------------------------------------------------
 
 LAYER_KEYS = {

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.cache.reader import open_cache
 from pipeline.draft.export import load_sglang_export
 from pipeline.train.loop import TrainConfig, train
 from tests.conftest import REPO, run_stage
@@ -78,6 +79,7 @@ def test_other_layers_vocab_and_ttt_from_the_same_cache(reference_cache, tmp_pat
         "ttt-2": ["--ttt-steps", "2"],
         "merged": ["--audio-embeds", "merged"],
         "mixed": ["--audio-embeds", "mixed", "--placeholder-share", "0.25"],
+        "random-head": ["--head-init", "random"],
     }.items():
         args = [*SMALL, *flags, "--name", name, "--runs-dir", str(tmp_path), "--max-steps", "2"]
         proc = run_stage("stages.train_draft", str(reference_cache), *args)
@@ -88,6 +90,12 @@ def test_other_layers_vocab_and_ttt_from_the_same_cache(reference_cache, tmp_pat
             assert config["draft"]["draft_vocab_size"] == 128
         if name == "ttt-2":
             assert config["train"]["ttt_steps"] == 2
+        if name in ("vocab-128", "random-head"):  # two steps at a warm-up learning rate move a weight by < 1e-4
+            weights = final_weights(tmp_path / name)
+            draft_ids = weights["d2t"] + torch.arange(len(weights["d2t"]))
+            from_target = open_cache(reference_cache).head_weights()["lm_head"][draft_ids].float()
+            moved = (weights["lm_head.weight"] - from_target).abs().max()
+            assert moved < 1e-3 if name == "vocab-128" else moved > 1e-2, (name, moved)
         if name in ("merged", "mixed"):  # what it was trained for, in both exports and the console
             engines = {"merged": ["sglang"], "mixed": ["sglang", "vllm"]}[name]
             for export in ("draft", "draft-speculators"):

@@ -284,6 +284,15 @@ class Eagle3Draft(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
+    def start_head_from_target(self, lm_head: torch.Tensor) -> None:
+        """Start ``lm_head`` from the target's rows [V, H] of the draft's tokens (as vLLM speculators does).
+
+        The draft then only has to learn to say, in its hidden state, what the target's final state says; a random
+        head must also learn the output geometry of every draft token, which speech-sized data cannot teach it."""
+        target_ids = self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(lm_head[target_ids].to(self.lm_head.weight.dtype))
+
     def project(self, aux: torch.Tensor) -> torch.Tensor:
         """The concatenated aux states [B, T, k*H_t] (in ``aux_layers`` order) -> the draft's hidden [B, T, H]."""
         return self.fc(aux)

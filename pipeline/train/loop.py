@@ -65,6 +65,9 @@ class TrainConfig:
     intermediate_size: int | None = setting(None, "draft MLP width (default: the target's)")
     num_attention_heads: int | None = setting(None, "default: the target's")
     num_key_value_heads: int | None = setting(None, "default: the target's")
+    head_init: Literal["target", "random"] = setting(
+        "target", "start the draft's lm_head from the target's rows of the draft vocab (target) or at random"
+    )
     ttt_steps: int = setting(7, "training-time test steps K: the draft is trained on its own fed-back states")
     loss_decay: float = setting(0.8, "step k's loss weight is loss_decay ** k")
     audio_embeds: Literal["merged", "placeholder", "mixed"] = audio_embeds_setting()
@@ -265,7 +268,10 @@ def train(cfg: TrainConfig) -> Path:
         d2t, t2d = load_or_build_draft_vocab(cache, cfg.draft_vocab_size)
     draft = Eagle3Draft(draft_cfg)
     draft.set_draft_vocab(d2t, t2d)
-    teacher = Teacher(cache.head_weights()["lm_head"].float(), d2t, t2d).to(acc.device)
+    target_head = cache.head_weights()["lm_head"].float()
+    if cfg.head_init == "target":
+        draft.start_head_from_target(target_head)
+    teacher = Teacher(target_head, d2t, t2d).to(acc.device)
     objective = TrainingTimeTest(draft, cfg.ttt_steps, cfg.loss_decay)
     model = distribute(acc, objective, cfg.fsdp)  # what the ranks run; ``objective`` stays the plain module
     if cfg.fsdp:

@@ -35,7 +35,7 @@ RUN_OUTPUTS = ("config.json", CHECKPOINTS, TRAIN_LOG, "eval.json", "tensorboard"
 # The settings a resumed run shares with the run it continues, besides the draft's shape and the cache: they decide
 # the weights from the checkpoint on (the objective, the optimiser, which batches come next; the optimizer's state
 # would even override a new --lr or --weight-decay unseen). Only the run's length (--max-steps, --epochs) may change.
-SAME_RUN_SETTINGS = ("ttt_steps", "loss_decay", "audio_embeds", "placeholder_share", "lr", "weight_decay",
+SAME_RUN_SETTINGS = ("head_init", "ttt_steps", "loss_decay", "audio_embeds", "placeholder_share", "lr", "weight_decay",
                      "warmup_steps", "clip_grad", "max_tokens", "grad_accum", "seed", "eval_percent")  # fmt: skip
 # The draft config's fields a flag sets (the others follow from the cache's target).
 DRAFT_FLAGS = {"aux_layers": "layers", "draft_vocab_size": "draft_vocab_size", "hidden_size": "hidden_size",
