@@ -27,6 +27,8 @@ from pipeline.testing.small_target import (
     _collate,
     _Example,
     _example,
+    _frozen_audio,
+    encode_audio,
     merged_embeds,
     partial_dir,
     tokenizer_corpus,
@@ -133,6 +135,24 @@ def test_cropped_training_forward_equals_the_full_length_forward():
                 feature_attention_mask=full["attention_mask"],
             ).last_hidden_state[0]
             torch.testing.assert_close(cropped[row, : len(example.input_ids)], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_decoder_phases_audio_computed_once_equals_encoding_each_batch():
+    clips = [make_tone_clip(0, i) for i in range(5)]  # 1-4 notes: clips of different lengths
+    with tempfile.TemporaryDirectory() as tmp:
+        init = build_tiny_target(Path(tmp) / "init", tokenizer_corpus(clips), TINY.tiny_config())
+        processor = AutoProcessor.from_pretrained(init)
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(init)
+    examples = [_example(processor, clip) for clip in clips]
+    assert len({len(e.wave) for e in examples}) > 2
+    once = _frozen_audio(model, processor, examples, dataclasses.replace(TINY, eval_batch_size=2))
+    batch = _collate(processor, examples[::-1], pad_id=0)  # another batch: other padding, other order
+    with torch.no_grad():
+        features = batch["features"]
+        each = encode_audio(model, features["input_features"], features["feature_attention_mask"])
+    torch.testing.assert_close(torch.cat(once[::-1]), each, rtol=1e-5, atol=1e-5)
+    audio_tokens = [int((e.input_ids == model.config.audio_token_id).sum()) for e in examples]
+    assert [len(a) for a in once] == audio_tokens
 
 
 def test_short_training_saves_a_reloadable_reproducible_model(tmp_path):

@@ -362,8 +362,10 @@ def _training_loss(
 ) -> torch.Tensor:
     """The answer's cross-entropy, plus the weighted CTC loss in joint training (one encoder pass); while
     ``pretraining`` the encoder, the CTC loss alone (the decoder does not run)."""
-    features = batch["features"]
-    audio = encode_audio(model, features["input_features"], features["feature_attention_mask"])
+    audio = batch.get("audio")  # the frozen encoder's output, computed once for the decoder phase
+    if audio is None:
+        features = batch["features"]
+        audio = encode_audio(model, features["input_features"], features["feature_attention_mask"])
     if pretraining:
         return _ctc_loss(model, head, audio, batch)
     embeds = _merge(model, batch["input_ids"], audio)
@@ -408,7 +410,7 @@ def _normalised(messages: list[Message]) -> list[Message]:
     ]
 
 
-def _collate(processor, batch: list[_Example], pad_id: int) -> dict[str, torch.Tensor]:
+def _collate(processor, batch: list[_Example], pad_id: int, features: bool = True) -> dict[str, torch.Tensor]:
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -421,9 +423,27 @@ def _collate(processor, batch: list[_Example], pad_id: int) -> dict[str, torch.T
         "input_ids": ids,
         "attention_mask": attention,
         "loss_mask": loss_mask,
-        "features": crop_features(processor.feature_extractor, [e.wave for e in batch]),
+        "features": crop_features(processor.feature_extractor, [e.wave for e in batch]) if features else None,
         "transcript_ids": [e.transcript_ids for e in batch],
     }
+
+
+def _frozen_audio(model, processor, examples: list[_Example], cfg: TrainerConfig) -> list[torch.Tensor]:
+    """Each example's audio embeddings [n_i, H] from the frozen encoder and projector, computed once: the decoder
+    phase sees every clip several times, and re-encoding it each time (features and encoder) was a share of
+    every step. Batched by length, so little of the work is padding."""
+    audio: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].wave))
+    tower = model.model.audio_tower
+    for lo in range(0, len(by_length), cfg.eval_batch_size):
+        chunk = by_length[lo : lo + cfg.eval_batch_size]
+        features = crop_features(processor.feature_extractor, [examples[i].wave for i in chunk])  # float32 STFT
+        with torch.no_grad(), _autocast(cfg):
+            rows = encode_audio(model, features["input_features"], features["feature_attention_mask"])
+        _, lengths = tower._get_feat_extract_output_lengths(features["feature_attention_mask"].sum(-1))
+        for i, clip in zip(chunk, torch.split(rows, lengths.tolist()), strict=True):
+            audio[i] = clip.clone()
+    return audio
 
 
 def tokenizer_corpus(train: Sequence[AudioConversation]) -> list[str]:
@@ -695,10 +715,17 @@ def _train(
         initial=state.step,
         total=cfg.total_steps,
     )
+    frozen_audio = None
     for step in bar:
         pretraining = step < cfg.encoder_pretrain_steps
-        _freeze_encoder(model, frozen=bool(cfg.encoder_pretrain_steps) and not pretraining)
-        batch = _collate(processor, [examples[i] for i in next(batches)], pad_id)
+        frozen = bool(cfg.encoder_pretrain_steps) and not pretraining
+        _freeze_encoder(model, frozen)
+        if frozen and frozen_audio is None:
+            frozen_audio = _frozen_audio(model, processor, examples, cfg)
+        chosen = next(batches)
+        batch = _collate(processor, [examples[i] for i in chosen], pad_id, features=frozen_audio is None)
+        if frozen_audio is not None:
+            batch["audio"] = torch.cat([frozen_audio[i] for i in chosen])
         with _autocast(cfg):
             loss = _training_loss(model, batch, cfg, head, pretraining)
         optimizer.zero_grad(set_to_none=True)
