@@ -58,7 +58,8 @@ _PROMPT_STREAM = 7  # salt: the prompt's draw is independent of speech_data's vo
 # already tells characters apart much faster than both learn together. Its 800 decoder steps were far from done (the
 # accuracy still rising, the cosine schedule spent): 2000 reached 0.755 (CER 0.22, WER 0.41) in 45 CPU minutes on an
 # AVX2-only CPU, against 0.42 (CER 0.52) in 34 - over the 30-minute goal, for a target whose answers say what was
-# spoken and are confident enough for a draft to follow (BENCHMARKS.md, 2026-12-03).
+# spoken and are confident enough for a draft to follow (BENCHMARKS.md, 2026-12-03). Encoding each clip once for the
+# decoder phase (the encoder is frozen) brought the training to 38.5 CPU minutes (CER 0.23; results/speech-target/).
 TARGET_SPEECH = SpeechConfig(
     max_seconds=8.0,
     voices=("en-us", "en", "en-gb-scotland"),
