@@ -72,7 +72,8 @@ class SpeechQualityPlan(QualityPlan):
     draft_clips: int = 780  # the held-out sentences the target's speech config can say (781 of 819 fit in 8 s)
     # Clips of the train split's sentences added to the draft's data (the target trained on these sentences; here
     # they are spoken afresh with data_seed; only held-out sentences are evaluated). On the 780 clips alone the drafts
-    # of a target that reads its audio memorise their sentences (base tau 1.11; 1.56 with these, BENCHMARKS.md).
+    # of a target that reads its audio memorise their sentences (base tau 1.11; with these 1.56, and 1.89 once the
+    # draft's lm_head started from the target's; BENCHMARKS.md).
     draft_train_clips: int = 3200
     data_seed: int = 1  # voices, rates, pitches and sentence order of the draft's clips (the target's seed is 0)
     eval_percent: float = 10.0
