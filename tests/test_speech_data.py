@@ -187,6 +187,9 @@ def test_same_seed_and_index_give_identical_audio(corpus: tuple[Sentence, ...], 
     whole = list(make_speech_clips(4, 7, "train", SMALL, corpus))
     tail = list(make_speech_clips(2, 7, "train", SMALL, corpus, first=whole[2].index))
     assert [(c.key, c.audio) for c in tail] == [(c.key, c.audio) for c in whole[2:]]
+    # Spoken side by side, each is the clip spoken alone.
+    order = split_order(corpus, "train", 7, SMALL.heldout_percent)
+    assert whole == [make_speech_clip(order[c.index], 7, "train", c.index, tmp_path / "h1", SMALL) for c in whole]
 
 
 @needs_espeak
