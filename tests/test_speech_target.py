@@ -58,6 +58,7 @@ CI = SpeechTargetConfig(
     monitor_every=2,
     monitor_clips=2,
     max_new_tokens=6,
+    threads=1,  # a pytest worker per core
 )
 
 

@@ -95,7 +95,8 @@ class SpeechQualityPlan(QualityPlan):
         targets that loop ran into max_new_tokens: ``cut`` in quality.json), one draft, a few held-out clips."""
         target = ["--steps", "60", "--batch-size", "4", "--train-clips", "4", "--eval-clips", "4",
                   "--warmup-steps", "5", "--curriculum-steps", "0", "--monitor-every", "0", "--checkpoint-every", "0",
-                  "--max-new-tokens", "32", "--encoder-pretrain-steps", "0", "--ctc-weight", "1.0"]  # fmt: skip
+                  "--max-new-tokens", "32", "--encoder-pretrain-steps", "0", "--ctc-weight", "1.0",
+                  "--threads", "1"]  # fmt: skip
         return cls(root=root, target_flags=target, draft_clips=48, draft_train_clips=16, eval_percent=25.0,
                    draft_steps=60, max_new_tokens=32, only=("base",))  # fmt: skip
 
