@@ -28,9 +28,12 @@ from pipeline.testing.small_target import (
     _Example,
     _example,
     _frozen_audio,
+    clip_features,
+    crop_features,
     encode_audio,
     merged_embeds,
     partial_dir,
+    stack_features,
     tokenizer_corpus,
     train_small_target,
 )
@@ -137,6 +140,22 @@ def test_cropped_training_forward_equals_the_full_length_forward():
             torch.testing.assert_close(cropped[row, : len(example.input_ids)], reference, rtol=1e-5, atol=1e-5)
 
 
+def test_each_clips_features_computed_once_stack_to_the_batchs_features():
+    clips = [make_tone_clip(0, i) for i in range(6)]  # 1-4 notes: clips of different lengths
+    with tempfile.TemporaryDirectory() as tmp:
+        init = build_tiny_target(Path(tmp) / "init", tokenizer_corpus(clips), TINY.tiny_config())
+        extractor = AutoProcessor.from_pretrained(init).feature_extractor
+    waves = [clip.wave for clip in clips]
+    assert len({len(w) for w in waves}) > 2
+    once = clip_features(extractor, waves, batch_size=4)  # computed beside other clips than below
+    for batch in ([0, 1, 2, 3, 4, 5], [5, 2], [3], [1, 4, 0]):
+        stacked = stack_features([once[i] for i in batch])
+        direct = crop_features(extractor, [waves[i] for i in batch])
+        assert stacked.keys() == direct.keys()
+        for key, value in direct.items():
+            assert stacked[key].dtype == value.dtype and torch.equal(stacked[key], value), (batch, key)
+
+
 def test_the_decoder_phases_audio_computed_once_equals_encoding_each_batch():
     clips = [make_tone_clip(0, i) for i in range(5)]  # 1-4 notes: clips of different lengths
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +164,8 @@ def test_the_decoder_phases_audio_computed_once_equals_encoding_each_batch():
         model = Qwen2AudioForConditionalGeneration.from_pretrained(init)
     examples = [_example(processor, clip) for clip in clips]
     assert len({len(e.wave) for e in examples}) > 2
-    once = _frozen_audio(model, processor, examples, dataclasses.replace(TINY, eval_batch_size=2))
+    features = clip_features(processor.feature_extractor, [e.wave for e in examples])
+    once = _frozen_audio(model, features, dataclasses.replace(TINY, eval_batch_size=2))
     batch = _collate(processor, examples[::-1], pad_id=0)  # another batch: other padding, other order
     with torch.no_grad():
         features = batch["features"]

@@ -240,6 +240,14 @@ class SmallTargetConfig(TrainerConfig):
         return MelodyTask(self)
 
 
+@dataclass(frozen=True)
+class ClipFeatures:
+    """One clip's Whisper features [mel, frames] and feature attention mask [frames], cropped to its own frames."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+
+
 @dataclass
 class _Example:
     wave: np.ndarray
@@ -262,11 +270,9 @@ def float_wave(wave: np.ndarray) -> np.ndarray:
 
 def crop_features(feature_extractor, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """Whisper features of a batch, only as many frames as the longest clip needs: the same values as the first
-    frames of the 3000-frame features (the tail is all zeros either way, and the log-mel floor is set by the
-    clip's maximum, which lies in the real part)."""
-    length = max(len(w) for w in waves) + CROP_MARGIN_SAMPLES
-    hop = feature_extractor.hop_length
-    length = min(-(-length // (2 * hop)) * 2 * hop, feature_extractor.n_samples)  # even frame count for the conv stride
+    frames of the 3000-frame features (past its samples a clip's frames hold its log-mel floor either way, and the
+    floor is set by the clip's maximum, which lies in the real part)."""
+    length = _crop_samples(feature_extractor, max(len(w) for w in waves))
     out = feature_extractor(
         [float_wave(w) for w in waves],
         sampling_rate=feature_extractor.sampling_rate,
@@ -276,6 +282,41 @@ def crop_features(feature_extractor, waves: list[np.ndarray]) -> dict[str, torch
         return_tensors="pt",
     )
     return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
+
+
+def clip_features(feature_extractor, waves: list[np.ndarray], batch_size: int = 25) -> list[ClipFeatures]:
+    """Each clip's features and mask as `crop_features` computes them in any batch, cropped to the clip's own
+    frames. Computed in batches of similar length (a clip's frames are the same in any batch: `crop_features`)."""
+    out: list[ClipFeatures] = [None] * len(waves)  # type: ignore[list-item]
+    by_length = sorted(range(len(waves)), key=lambda i: len(waves[i]))
+    for lo in range(0, len(by_length), batch_size):
+        chunk = by_length[lo : lo + batch_size]
+        batch = crop_features(feature_extractor, [waves[i] for i in chunk])
+        for row, i in enumerate(chunk):
+            frames = _crop_samples(feature_extractor, len(waves[i])) // feature_extractor.hop_length
+            out[i] = ClipFeatures(
+                batch["input_features"][row, :, :frames].clone(), batch["feature_attention_mask"][row, :frames].clone()
+            )
+    return out
+
+
+def stack_features(clips: list[ClipFeatures]) -> dict[str, torch.Tensor]:
+    """`crop_features` of a batch, from its clips' own features: each is padded with its log-mel floor (its
+    minimum, what the extractor writes past a clip's samples) to the longest clip's frames."""
+    frames = max(c.features.shape[-1] for c in clips)
+    return {
+        "input_features": torch.stack(
+            [F.pad(c.features, (0, frames - c.features.shape[-1]), value=float(c.features.min())) for c in clips]
+        ),
+        "feature_attention_mask": torch.stack([F.pad(c.mask, (0, frames - c.mask.shape[-1])) for c in clips]),
+    }
+
+
+def _crop_samples(feature_extractor, samples: int) -> int:
+    """The samples `crop_features` extracts for a batch whose longest clip has this many: the margin added, an even
+    number of frames (for the conv stride), at most the extractor's 30 s."""
+    hop = feature_extractor.hop_length
+    return min(-(-(samples + CROP_MARGIN_SAMPLES) // (2 * hop)) * 2 * hop, feature_extractor.n_samples)
 
 
 def encode_audio(
@@ -428,19 +469,19 @@ def _collate(processor, batch: list[_Example], pad_id: int, features: bool = Tru
     }
 
 
-def _frozen_audio(model, processor, examples: list[_Example], cfg: TrainerConfig) -> list[torch.Tensor]:
-    """Each example's audio embeddings [n_i, H] from the frozen encoder and projector, computed once: the decoder
+def _frozen_audio(model, features: list[ClipFeatures], cfg: TrainerConfig) -> list[torch.Tensor]:
+    """Each clip's audio embeddings [n_i, H] from the frozen encoder and projector, computed once: the decoder
     phase sees every clip several times, and re-encoding it each time (features and encoder) was a share of
     every step. Batched by length, so little of the work is padding."""
-    audio: list[torch.Tensor] = [torch.empty(0)] * len(examples)
-    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].wave))
+    audio: list[torch.Tensor] = [torch.empty(0)] * len(features)
+    by_length = sorted(range(len(features)), key=lambda i: features[i].features.shape[-1])
     tower = model.model.audio_tower
     for lo in range(0, len(by_length), cfg.eval_batch_size):
         chunk = by_length[lo : lo + cfg.eval_batch_size]
-        features = crop_features(processor.feature_extractor, [examples[i].wave for i in chunk])  # float32 STFT
+        batch = stack_features([features[i] for i in chunk])
         with torch.no_grad(), _autocast(cfg):
-            rows = encode_audio(model, features["input_features"], features["feature_attention_mask"])
-        _, lengths = tower._get_feat_extract_output_lengths(features["feature_attention_mask"].sum(-1))
+            rows = encode_audio(model, batch["input_features"], batch["feature_attention_mask"])
+        _, lengths = tower._get_feat_extract_output_lengths(batch["feature_attention_mask"].sum(-1))
         for i, clip in zip(chunk, torch.split(rows, lengths.tolist()), strict=True):
             audio[i] = clip.clone()
     return audio
@@ -715,17 +756,24 @@ def _train(
         initial=state.step,
         total=cfg.total_steps,
     )
+    # Each clip's features are computed once (the extractor's STFT, on one core, was half of an encoder step), then
+    # each clip's audio embeddings once the encoder is frozen (the features' memory goes back then).
+    features: list[ClipFeatures] | None = None
     frozen_audio = None
     for step in bar:
         pretraining = step < cfg.encoder_pretrain_steps
         frozen = bool(cfg.encoder_pretrain_steps) and not pretraining
         _freeze_encoder(model, frozen)
+        if features is None and frozen_audio is None:
+            features = clip_features(processor.feature_extractor, [e.wave for e in examples], cfg.eval_batch_size)
         if frozen and frozen_audio is None:
-            frozen_audio = _frozen_audio(model, processor, examples, cfg)
+            frozen_audio, features = _frozen_audio(model, features, cfg), None
         chosen = next(batches)
-        batch = _collate(processor, [examples[i] for i in chosen], pad_id, features=frozen_audio is None)
+        batch = _collate(processor, [examples[i] for i in chosen], pad_id, features=False)
         if frozen_audio is not None:
             batch["audio"] = torch.cat([frozen_audio[i] for i in chosen])
+        else:
+            batch["features"] = stack_features([features[i] for i in chosen])
         with _autocast(cfg):
             loss = _training_loss(model, batch, cfg, head, pretraining)
         optimizer.zero_grad(set_to_none=True)
