@@ -17,14 +17,13 @@ import soundfile as sf
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from pipeline.targets import load_target
+from pipeline.testing.error_rates import edit_distance, error_rate
 from pipeline.testing.small_target import RECORD, _normalised, float_wave, partial_dir, train_small_target
 from pipeline.testing.speech_data import FORTUNE_DIR, FORTUNE_FILES, espeak_available, make_speech_clips
 from pipeline.testing.speech_target import (
     SPEECH_PROMPTS,
     SpeechTargetConfig,
     character_error_rate,
-    edit_distance,
-    error_rate,
     normalise_transcript,
     speech_clip,
     transcription_scores,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ import soundfile as sf
 
 from pipeline.inputs.hf_dataset import DEFAULT_INSTRUCTION
 from pipeline.settings import setting
+from pipeline.testing.error_rates import error_rate
 from pipeline.testing.small_target import Clip, Task, TrainerConfig, cpu_has_native_bf16, tokenizer_corpus
 from pipeline.testing.speech_data import (
     SPLITS,
@@ -155,26 +156,6 @@ def normalise_transcript(text: str) -> str:
     """Lower case, every run of characters other than letters, digits and apostrophes one space: the form a
     transcript is scored in (case and punctuation are the text's, not the audio's)."""
     return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
-
-
-def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
-    """Levenshtein distance: the fewest substitutions, insertions and deletions turning one into the other."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1]
-
-
-def error_rate(references: Sequence[Sequence[Hashable]], hypotheses: Sequence[Sequence[Hashable]]) -> float:
-    """Edits summed over the corpus divided by the references' total length (how jiwer and ASR papers count: long
-    sentences weigh more). Can exceed 1 when the hypotheses hold many insertions."""
-    total = sum(len(r) for r in references)
-    if total == 0:
-        raise ValueError("the references are empty: no error rate")
-    return sum(edit_distance(r, h) for r, h in zip(references, hypotheses, strict=True)) / total
 
 
 def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
