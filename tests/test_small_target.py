@@ -22,6 +22,7 @@ from pipeline.inputs.shards import iter_raw_samples
 from pipeline.testing import small_target
 from pipeline.testing.small_target import (
     CHECKPOINT,
+    CTC_ALPHABET,
     RECORD,
     SmallTargetConfig,
     _collate,
@@ -31,6 +32,7 @@ from pipeline.testing.small_target import (
     clip_features,
     crop_features,
     encode_audio,
+    encoder_ctc_error_rate,
     merged_embeds,
     partial_dir,
     stack_features,
@@ -247,9 +249,32 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch, c
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     record, reference = json.loads((out / RECORD).read_text()), json.loads((whole / RECORD).read_text())
     assert record["resumed_at"] == [2] and reference["resumed_at"] == []
-    for key in ("final_loss", "held_out_teacher_forced_accuracy", "eval"):
+    for key in ("final_loss", "held_out_teacher_forced_accuracy", "held_out_encoder_ctc_cer", "eval"):
         assert record[key] == reference[key], key
+    if cfg.encoder_pretrain_steps:  # checked at the monitor's steps and at the end of the encoder's phase
+        assert [step for step, _ in record["held_out_encoder_ctc_cer"]] == [2, 3]
     assert not partial_dir(out).exists()
+
+
+def test_the_encoders_ctc_error_rate_of_heads_that_always_say_one_thing():
+    clips = [make_tone_clip(0, i) for i in range(3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        init = build_tiny_target(Path(tmp) / "init", tokenizer_corpus(clips), TINY.tiny_config())
+        processor = AutoProcessor.from_pretrained(init)
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(init)
+    examples = [_example(processor, clip, transcript=transcription(clip.notes)) for clip in clips]
+    head = torch.nn.Linear(model.config.text_config.hidden_size, len(CTC_ALPHABET) + 1)
+    torch.nn.init.zeros_(head.weight)
+    references = [e.transcript_ids.tolist() for e in examples]
+    total = sum(len(r) for r in references)
+    with torch.no_grad():
+        head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(0), len(CTC_ALPHABET) + 1))  # always the blank
+    assert encoder_ctc_error_rate(model, head, processor, examples, batch_size=2) == 1.0  # nothing said: deletions
+    a = CTC_ALPHABET.index("a") + 1
+    with torch.no_grad():
+        head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(a), len(CTC_ALPHABET) + 1))  # always "a": one "a"
+    expected = sum(len(r) - (a in r) for r in references) / total
+    assert encoder_ctc_error_rate(model, head, processor, examples, batch_size=2) == pytest.approx(expected)
 
 
 def test_the_decoder_phase_leaves_the_pretrained_encoder_as_it_was(tmp_path):

@@ -120,6 +120,7 @@ def test_ci_sized_speech_training_saves_a_loadable_reproducible_target(tmp_path)
     assert record["eval"]["clips"] == CI.eval_clips and record["eval"]["cer"] >= 0.0 and record["eval"]["wer"] >= 0.0
     # Checked every 2 steps of the decoder's phase, counted from the start of training (none in the encoder's).
     assert [step for step, _ in record["held_out_teacher_forced_accuracy"]] == [4, 6]
+    assert [step for step, _ in record["held_out_encoder_ctc_cer"]] == [2]  # the encoder's CTC, at its phase's end
 
     model = Qwen2AudioForConditionalGeneration.from_pretrained(first)
     assert model.config.text_config.num_hidden_layers == 8 and model.config.text_config.hidden_size == 32

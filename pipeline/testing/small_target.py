@@ -55,6 +55,7 @@ from pipeline.inputs.conversation import Message, text_of
 from pipeline.inputs.prompt import build_prompt, render_chat
 from pipeline.settings import setting
 from pipeline.targets.qwen2_audio import AUDIO_TOKEN, audio_token_count
+from pipeline.testing.error_rates import error_rate
 from pipeline.testing.tiny_target import TinyTargetConfig, build_tiny_target, default_corpus
 from pipeline.testing.tone_data import DEFAULT_TONES, ToneConfig, make_tone_clip, transcription
 
@@ -549,6 +550,7 @@ class _Progress:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     accuracy: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out teacher-forced accuracy)
+    encoder_cer: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out CER of the encoder's CTC)
     seconds: float = 0.0  # training time of the sessions before this one
     # CPU time of the same: on a shared machine, what the training would take on a core of its own.
     cpu_seconds: float = 0.0
@@ -610,6 +612,30 @@ def teacher_forced_accuracy(model, processor, examples: list[_Example], batch_si
         total += int(predict.sum())
     model.train(was_training)
     return right / max(1, total)
+
+
+@torch.no_grad()
+def encoder_ctc_error_rate(
+    model, head: torch.nn.Linear, processor, examples: list[_Example], batch_size: int = 25
+) -> float:
+    """Character error rate of the encoder's own greedy CTC transcripts (argmax per audio position, repeats merged,
+    blanks dropped) against the examples' CTC labels: how well the audio encoder alone tells the characters apart,
+    before the decoder reads it."""
+    was_training = model.training
+    model.eval()
+    references, hypotheses = [], []
+    tower = model.model.audio_tower
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        features = crop_features(processor.feature_extractor, [e.wave for e in chunk])
+        audio = encode_audio(model, features["input_features"], features["feature_attention_mask"])
+        _, lengths = tower._get_feat_extract_output_lengths(features["feature_attention_mask"].sum(-1))
+        for best, example in zip(torch.split(head(audio).argmax(-1), lengths.tolist()), chunk, strict=True):
+            merged = torch.unique_consecutive(best)
+            hypotheses.append(merged[merged != 0].tolist())
+            references.append(example.transcript_ids.tolist())
+    model.train(was_training)
+    return error_rate(references, hypotheses)
 
 
 def _batch_order(examples: list[_Example], cfg: TrainerConfig) -> Iterator[list[int]]:
@@ -720,6 +746,7 @@ def _load_checkpoint(path: Path, model, head, optimizer, scheduler, cfg: Trainer
     torch.set_rng_state(state["rng"])
     progress = _Progress(**state["progress"])
     progress.accuracy = [(int(s), float(a)) for s, a in progress.accuracy]
+    progress.encoder_cer = [(int(s), float(c)) for s, c in progress.encoder_cer]
     progress.resumed_at.append(progress.step)
     return progress
 
@@ -789,6 +816,9 @@ def _train(
         if monitor and due and not pretraining:
             # float32, as the saved model is used (and the feature extractor's STFT has no bf16)
             state.accuracy.append((state.step, teacher_forced_accuracy(model, processor, monitor, cfg.eval_batch_size)))
+        if monitor and pretraining and (due or state.step == cfg.encoder_pretrain_steps):
+            cer = encoder_ctc_error_rate(model, head, processor, monitor, cfg.eval_batch_size)
+            state.encoder_cer.append((state.step, cer))
         if checkpoint is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             if state.step < cfg.total_steps:
                 done = dataclasses.replace(
@@ -800,6 +830,8 @@ def _train(
         postfix = {"loss": f"{sum(state.losses[-20:]) / len(state.losses[-20:]):.3f}"}
         if state.accuracy:
             postfix["held_out_tf_acc"] = f"{state.accuracy[-1][1]:.3f}"
+        elif state.encoder_cer:
+            postfix["held_out_ctc_cer"] = f"{state.encoder_cer[-1][1]:.3f}"
         bar.set_postfix(postfix, refresh=False)
     model.eval()
     model.set_attn_implementation("sdpa")  # transformers' default, what the saved model runs with
@@ -914,7 +946,7 @@ def _train_and_save(out_dir: Path, work: Path, cfg: TrainerConfig, progress: boo
         model = Qwen2AudioForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     transcript = (lambda clip: clip.answer) if cfg.uses_ctc else (lambda clip: None)
     examples = [_example(processor, clip, clip.difficulty, transcript(clip)) for clip in train]
-    monitor = [_example(processor, clip, clip.difficulty) for clip in held_out[: cfg.monitor_clips]]
+    monitor = [_example(processor, clip, clip.difficulty, transcript(clip)) for clip in held_out[: cfg.monitor_clips]]
     # Nothing in training draws from the global RNG today (no dropout, the data order has its own generator);
     # seeded anyway so that anything that does stays reproducible.
     torch.manual_seed(cfg.seed)
@@ -944,6 +976,7 @@ def _train_and_save(out_dir: Path, work: Path, cfg: TrainerConfig, progress: boo
         "resumed_at": state.resumed_at,
         "final_loss": sum(state.losses[-20:]) / max(1, len(state.losses[-20:])),
         "held_out_teacher_forced_accuracy": state.accuracy,
+        "held_out_encoder_ctc_cer": state.encoder_cer,
         "eval": result,
     }
     (stage / RECORD).write_text(json.dumps(record, indent=2) + "\n")
