@@ -12,7 +12,8 @@ The same steps and code as the melody benchmark; what differs is this plan:
       another seed than the target's, so every clip is new audio.
     - the variants, sized from the target's tokenizer: base = EAGLE-3's defaults for 8 layers (TTT 7, aux layers
       2,4,5) with a draft vocabulary of half the tokenizer, served by SGLang and by vLLM; TTT 1; early (1,2,3) and
-      late (5,6,7) aux layers; draft vocabularies of 25% and 100% of the tokenizer; fp8 states.
+      late (5,6,7) aux layers; draft vocabularies of 25% and 100% of the tokenizer; the lm_head started at random;
+      a draft MLP 4x the target's; fp8 states.
     - the report: ROOT/QUALITY-speech.md, with the target's held-out CER and WER and the published anchors.
 """
 
@@ -37,6 +38,12 @@ def tokenizer_size(target: Path) -> int:
     vocab = config.get("text_config", config).get("vocab_size")
     size = len(AutoTokenizer.from_pretrained(target))
     return min(size, vocab) if vocab else size
+
+
+def text_intermediate_size(target: Path) -> int:
+    """The MLP width of the target's text model (what a draft's MLP defaults to)."""
+    config = json.loads((target / "config.json").read_text())
+    return config.get("text_config", config)["intermediate_size"]
 
 
 def base_flags(vocab: int) -> list[str]:
@@ -105,6 +112,9 @@ class SpeechQualityPlan(QualityPlan):
             return self.variants
         vocab = tokenizer_size(target)
         base = base_flags(vocab)
+        # A one-layer draft as wide as a small target reads the words from the audio itself: its MLP width is a
+        # choice that pays here (+0.14 tau at 4x, aux 5,6,7, 6541 clips; BENCHMARKS.md).
+        mlp = 4 * text_intermediate_size(target)
         return [
             Variant("base", base),
             Variant("base, served by vllm", base, "vllm", run="base"),
@@ -114,6 +124,7 @@ class SpeechQualityPlan(QualityPlan):
             Variant(f"vocab {vocab // 4} (25%)", [*base, "--draft-vocab-size", str(vocab // 4)]),
             Variant(f"vocab {vocab} (100%)", [*base, "--draft-vocab-size", str(vocab)]),
             Variant("head init random (SpecForge's start)", [*base, "--head-init", "random"]),
+            Variant(f"draft MLP {mlp} (4x the target's)", [*base, "--intermediate-size", str(mlp)]),
             Variant("fp8 states", base, states="fp8"),
         ]
 
