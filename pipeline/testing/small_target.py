@@ -343,6 +343,11 @@ def encode_audio(
     return x[keep]
 
 
+def audio_lengths(model: Qwen2AudioForConditionalGeneration, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each clip's rows in `encode_audio`'s output (its audio tokens), from its feature attention mask."""
+    return model.model.audio_tower._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))[1]
+
+
 def merged_embeds(
     model: Qwen2AudioForConditionalGeneration, input_ids: torch.Tensor, features: dict[str, torch.Tensor]
 ) -> torch.Tensor:
@@ -386,8 +391,7 @@ def _ctc_loss(
 ) -> torch.Tensor:
     """CTC of the answer's characters against `head` over each clip's audio embeddings (25 a second: a sentence
     spoken at 200 words a minute has ~17 characters a second, so every label fits)."""
-    tower = model.model.audio_tower
-    _, lengths = tower._get_feat_extract_output_lengths(batch["features"]["feature_attention_mask"].sum(-1))
+    lengths = audio_lengths(model, batch["features"]["feature_attention_mask"])
     clips = torch.nn.utils.rnn.pad_sequence(torch.split(audio, lengths.tolist()))  # [T, N, H]
     log_probs = head(clips).float().log_softmax(-1)
     targets = torch.cat(batch["transcript_ids"])
@@ -476,13 +480,12 @@ def _frozen_audio(model, features: list[ClipFeatures], cfg: TrainerConfig) -> li
     every step. Batched by length, so little of the work is padding."""
     audio: list[torch.Tensor] = [torch.empty(0)] * len(features)
     by_length = sorted(range(len(features)), key=lambda i: features[i].features.shape[-1])
-    tower = model.model.audio_tower
     for lo in range(0, len(by_length), cfg.eval_batch_size):
         chunk = by_length[lo : lo + cfg.eval_batch_size]
         batch = stack_features([features[i] for i in chunk])
         with torch.no_grad(), _autocast(cfg):
             rows = encode_audio(model, batch["input_features"], batch["feature_attention_mask"])
-        _, lengths = tower._get_feat_extract_output_lengths(batch["feature_attention_mask"].sum(-1))
+        lengths = audio_lengths(model, batch["feature_attention_mask"])
         for i, clip in zip(chunk, torch.split(rows, lengths.tolist()), strict=True):
             audio[i] = clip.clone()
     return audio
@@ -624,12 +627,11 @@ def encoder_ctc_error_rate(
     was_training = model.training
     model.eval()
     references, hypotheses = [], []
-    tower = model.model.audio_tower
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]
         features = crop_features(processor.feature_extractor, [e.wave for e in chunk])
         audio = encode_audio(model, features["input_features"], features["feature_attention_mask"])
-        _, lengths = tower._get_feat_extract_output_lengths(features["feature_attention_mask"].sum(-1))
+        lengths = audio_lengths(model, features["feature_attention_mask"])
         for best, example in zip(torch.split(head(audio).argmax(-1), lengths.tolist()), chunk, strict=True):
             merged = torch.unique_consecutive(best)
             hypotheses.append(merged[merged != 0].tolist())
