@@ -334,10 +334,9 @@ def make_speech_clips(
     # window of clips at a time, taken in index order, keeps the output the same as one by one.
     window = 8 * workers
     with tempfile.TemporaryDirectory(prefix="espeak-home-") as home, ThreadPoolExecutor(workers) as pool:
+        speak_one = functools.partial(_speak_index, order=order, seed=seed, split=split, home=Path(home), cfg=cfg)
         for lo in range(first, len(order), window):
-            indices = range(lo, min(lo + window, len(order)))
-            speak_one = functools.partial(_speak_index, order=order, seed=seed, split=split, home=Path(home), cfg=cfg)
-            for clip in pool.map(speak_one, indices):
+            for clip in pool.map(speak_one, range(lo, min(lo + window, len(order)))):
                 if made == count:
                     return
                 if clip is not None:

@@ -103,7 +103,7 @@ class SpeechTargetConfig(TrainerConfig):
     ctc_weight: float = setting(0.0, "weight of CTC on the audio embeddings in joint training (no pre-training)")
     max_new_tokens: int = setting(64, "longest generated answer in the evaluation")
     monitor_every: int = setting(100, "steps between teacher-forced accuracy checks on held-out clips (0: off)")
-    # Trained alone, the target has the machine: on the idle 2-core VM two threads made a decoder step 1.75x faster
+    # Trained alone, the target has the machine: on the idle 2-core VM two threads made a decoder step 1.76x faster
     # than one (0.54 s against 0.95, batch of 16); eager and sdpa attention were level (0.95 / 0.93 s).
     threads: int = setting(min(2, os.cpu_count() or 1), "torch CPU threads (default: the cores, at most 2)")
     speech: SpeechConfig = setting(TARGET_SPEECH, flag=None)

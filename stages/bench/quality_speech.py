@@ -30,20 +30,19 @@ from pipeline.testing.speech_target import PUBLISHED_ANCHORS, TARGET_SPEECH
 from stages.bench.quality import QualityPlan, Variant, stage, target_record
 
 
+def text_config(target: Path) -> dict:
+    """The target's text model config (the whole config of a model without a text_config)."""
+    config = json.loads((target / "config.json").read_text())
+    return config.get("text_config", config)
+
+
 def tokenizer_size(target: Path) -> int:
     """The target's tokenizer size (special tokens included), at most its output vocabulary."""
     from transformers import AutoTokenizer
 
-    config = json.loads((target / "config.json").read_text())
-    vocab = config.get("text_config", config).get("vocab_size")
+    vocab = text_config(target).get("vocab_size")
     size = len(AutoTokenizer.from_pretrained(target))
     return min(size, vocab) if vocab else size
-
-
-def text_intermediate_size(target: Path) -> int:
-    """The MLP width of the target's text model (what a draft's MLP defaults to)."""
-    config = json.loads((target / "config.json").read_text())
-    return config.get("text_config", config)["intermediate_size"]
 
 
 def base_flags(vocab: int) -> list[str]:
@@ -114,7 +113,7 @@ class SpeechQualityPlan(QualityPlan):
         base = base_flags(vocab)
         # A one-layer draft as wide as a small target reads the words from the audio itself: its MLP width is a
         # choice that pays here (+0.14 tau at 4x, aux 5,6,7, 6541 clips; BENCHMARKS.md).
-        mlp = 4 * text_intermediate_size(target)
+        mlp = 4 * text_config(target)["intermediate_size"]  # a draft MLP's default width
         return [
             Variant("base", base),
             Variant("base, served by vllm", base, "vllm", run="base"),
